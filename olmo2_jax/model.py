@@ -1,0 +1,230 @@
+"""The OLMo 2 transformer in flax.linen (pure functional, logical axis names).
+
+Shape key for suffixes: B batch, T query positions, S key positions, D d_model,
+N query heads, K kv heads, H head_dim, F MLP hidden, V padded vocab.
+
+Block ("reordered norm", norm on sub-layer outputs, no norm on the block input):
+    h = x + RMSNorm(Attn(x));  out = h + RMSNorm(MLP(h))
+QK-norm spans the full projection width (before the head split) and comes before
+RoPE, exactly as the transformers `Olmo2Attention` parity reference does.
+Parameters stay in `param_dtype` (fp32 master weights); matmuls run in `dtype`.
+
+Logical axes: batch, seq, embed, vocab, heads, kv_heads, head_dim, mlp, layers.
+Their mapping onto mesh axes lives only in `sharding.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from olmo2_jax import config as config_lib
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The static model hyperparameters (hashable, so it can sit on a linen Module)."""
+
+    vocab_size: int = 100_278
+    padded_vocab_size: int = 100_352
+    d_model: int = 2048
+    n_layers: int = 16
+    n_heads: int = 16
+    n_kv_heads: int = 16
+    head_dim: int = 128
+    mlp_hidden: int = 8192
+    rope_theta: float = 500_000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat: str = "dots"
+    attention: str = "auto"
+
+    @classmethod
+    def from_config(cls, m) -> "ModelConfig":
+        """Builds from the `config.model` ConfigDict."""
+        return cls(
+            vocab_size=m.vocab_size, padded_vocab_size=m.padded_vocab_size, d_model=m.d_model,
+            n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+            head_dim=config_lib.head_dim(m), mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta,
+            norm_eps=m.norm_eps, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
+            param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers, remat=m.remat,
+            attention=m.attention)
+
+
+def _init(cfg: ModelConfig):
+    """Truncated normal, std `init_std`, cut at +-3 std (every matrix, embedding included)."""
+    return nn.initializers.truncated_normal(cfg.init_std, lower=-3.0, upper=3.0)
+
+
+def _param(module: nn.Module, name: str, shape, axes, init):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                        module.cfg.param_dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the trailing `len(axes)` dims, in fp32, weight only (no bias)."""
+
+    cfg: ModelConfig
+    axes: tuple[str, ...] = ("embed",)
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n = len(self.axes)
+        scale = _param(self, "scale", x.shape[-n:], self.axes, nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=tuple(range(-n, 0)), keepdims=True)
+        y = x32 * jax.lax.rsqrt(var + self.cfg.norm_eps)
+        return (scale.astype(jnp.float32) * y).astype(self.cfg.dtype)
+
+
+def apply_rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
+    """Rotary embedding, half-split ("rotate_half") layout, computed in fp32."""
+    h = x_BTNH.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # B,T,H/2
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def attention_impl(name: str) -> str | None:
+    """Resolves config.model.attention to a `jax.nn.dot_product_attention` implementation."""
+    if name == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+    return name
+
+
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, impl="xla"):
+    """Causal GQA attention (K/V are not repeated); optional document masking."""
+    mask = None
+    if segment_ids_BT is not None:
+        mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True,
+                                        implementation=attention_impl(impl))
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
+        cfg, dt = self.cfg, self.cfg.dtype
+        N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
+        wq = _param(self, "q_proj", (D, N, H), ("embed", "heads", "head_dim"), _init(cfg))
+        wk = _param(self, "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), _init(cfg))
+        wv = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), _init(cfg))
+        wo = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"), _init(cfg))
+        x = x_BTD.astype(dt)
+        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
+        k = jnp.einsum("BSD,DKH->BSKH", x, wk.astype(dt))
+        v = jnp.einsum("BSD,DKH->BSKH", x, wv.astype(dt))
+        # Full-width QK-norm: normalise over (heads, head_dim) together, then RoPE.
+        q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q)
+        k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k)
+        q = apply_rope(q, positions_BT, cfg.rope_theta)
+        k = apply_rope(k, positions_BT, cfg.rope_theta)
+        q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "seq", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v.astype(dt), ("batch", "seq", "kv_heads", "head_dim"))
+        out = dot_product_attention(q, k, v, segment_ids_BT, cfg.attention)
+        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+
+
+class MLP(nn.Module):
+    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down, no biases."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: Array) -> Array:
+        cfg, dt = self.cfg, self.cfg.dtype
+        D, F = cfg.d_model, cfg.mlp_hidden
+        w_gate = _param(self, "gate_proj", (D, F), ("embed", "mlp"), _init(cfg))
+        w_up = _param(self, "up_proj", (D, F), ("embed", "mlp"), _init(cfg))
+        w_down = _param(self, "down_proj", (F, D), ("mlp", "embed"), _init(cfg))
+        x = x_BTD.astype(dt)
+        gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return jnp.einsum("BTF,FD->BTD", h, w_down.astype(dt))
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+        attn = Attention(self.cfg, name="attn")(x_BTD, positions_BT, segment_ids_BT)
+        h = x_BTD + RMSNorm(self.cfg, name="post_attention_norm")(attn)
+        mlp = MLP(self.cfg, name="mlp")(h)
+        out = h + RMSNorm(self.cfg, name="post_mlp_norm")(mlp)
+        out = nn.with_logical_constraint(out, ("batch", "seq", "embed"))
+        return out, None  # (carry, per-layer output) as nn.scan expects
+
+
+class Transformer(nn.Module):
+    """Token ids -> fp32 logits over the padded vocabulary."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embedding = _param(self, "embedding", (cfg.padded_vocab_size, cfg.d_model),
+                                ("vocab", "embed"), _init(cfg))
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        else:
+            self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+        self.final_norm = RMSNorm(cfg)
+        self.lm_head = _param(self, "lm_head", (cfg.d_model, cfg.padded_vocab_size),
+                              ("embed", "vocab"), _init(cfg))
+
+    def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> Array:
+        """Final-norm hidden states (B, T, D): what the LM head (or a chunked loss) consumes."""
+        cfg = self.cfg
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        # Gather from the table with its embed dim whole (FSDP all-gathers it, as for every
+        # weight); a gather from an fsdp-sharded embed dim would be fully rematerialised.
+        table = nn.with_logical_constraint(self.embedding.astype(cfg.dtype), ("vocab", None))
+        x = jnp.take(table, tokens_BT, axis=0)
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        if cfg.scan_layers:
+            x, _ = self.layers(x, positions_BT, segment_ids_BT)
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, positions_BT, segment_ids_BT)
+        return self.final_norm(x)
+
+    def logits(self, hidden_BTD: Array) -> Array:
+        logits = jnp.einsum("BTD,DV->BTV", hidden_BTD.astype(self.cfg.dtype),
+                            self.lm_head.astype(self.cfg.dtype),
+                            preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
+
+    def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> Array:
+        return self.logits(self.hidden(tokens_BT, positions_BT, segment_ids_BT))

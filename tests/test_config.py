@@ -1,0 +1,59 @@
+"""Config validation errors name the key and the fix; params and FLOPs accounting."""
+
+import re
+import runpy
+
+import pytest
+
+from olmo2_jax import config as config_lib
+from olmo2_jax.main import dry_run
+
+
+def tiny():
+    return runpy.run_path("configs/tiny.py")["get_config"]()
+
+
+@pytest.mark.parametrize("change,devices,message", [
+    (dict(model=dict(n_heads=5)), None, "config.model.n_heads=5 does not divide d_model=192"),
+    (dict(model=dict(n_kv_heads=4)), None, "config.model.n_kv_heads=4 does not divide n_heads=6"),
+    (dict(model=dict(remat="some")), None, "config.model.remat='some'"),
+    (dict(data=dict(seq_len=1024)), None, "config.data.seq_len=1024 must be in 1..model.max_seq_len"),
+    (dict(train=dict(micro_batch_size=5)), None, "micro_batch_size=5 does not divide global"),
+    (dict(optim=dict(schedule="step")), None, "config.optim.schedule='step'"),
+    (dict(optim=dict(warmup_steps=300)), None, "warmup_steps=300 must be below the schedule horizon"),
+    (dict(mesh=dict(data=-1, fsdp=3)), 8, "the fixed axes (3 devices) do not divide the 8"),
+    (dict(mesh=dict(data=2, fsdp=2, tensor=1)), 8, "uses 4 devices but 8 are available"),
+    (dict(mesh=dict(data=-1, fsdp=-1)), 8, "at most one of"),
+    (dict(train=dict(global_batch_size=12)), 8, "micro-batch of 12 sequences is not divisible by the data-parallel size 8"),
+    (dict(mesh=dict(tensor=8, fsdp=1)), 8, "config.mesh.tensor=8 must divide n_heads=6"),
+])
+def test_validation_errors_are_clear(change, devices, message):
+    c = tiny()
+    for section, values in change.items():
+        c[section].update(values)
+    with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+        config_lib.validate(c, devices)
+
+
+def test_valid_configs_pass_and_mesh_resolves():
+    c = tiny()
+    config_lib.validate(c, 8)
+    assert config_lib.mesh_shape(c, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    c.mesh.update(dict(data=2, fsdp=-1, tensor=2))
+    assert config_lib.mesh_shape(c, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+@pytest.mark.parametrize("name,params", [("1b", 1484916736), ("7b", 7298617344),
+                                         ("13b", 13716198400), ("32b", 32234279936)])
+def test_released_sizes_dry_run(name, params):
+    c = runpy.run_path(f"configs/{name}.py")["get_config"]()
+    out = dry_run(c)  # builds the model abstractly: nothing is allocated
+    assert out["params"] == params
+
+
+def test_flops_per_token_matches_the_palm_convention():
+    c = runpy.run_path("configs/1b.py")["get_config"]()
+    # 6 * (all matmul weights incl. LM head, not the embedding) + 12 * L * d * T
+    n_matmul = 1484916736 - 100352 * 2048 - (16 * 4 * 2048 + 2048)
+    assert config_lib.flops_per_token(c.model, 4096) == 6 * n_matmul + 12 * 16 * 2048 * 4096
+    assert config_lib.flops_per_token(c.model, 4096) == 9286189056

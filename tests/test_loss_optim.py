@@ -1,0 +1,87 @@
+"""Loss values, the weight-decay mask, and the schedules against hand-computed values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from olmo2_jax import config as config_lib
+from olmo2_jax import optim
+from olmo2_jax.loss import cross_entropy_with_z_loss, loss_sums
+from olmo2_jax.model import ModelConfig, Transformer
+
+
+def test_ce_and_z_loss_values():
+    logits = jnp.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [9.0, 9.0, 9.0]]])
+    targets = jnp.array([[0, 2, 1]])
+    mask = jnp.array([[1.0, 1.0, 0.0]])  # last token not counted
+    lse = [math.log(math.exp(2) + 1 + math.exp(-1)), math.log(2 * math.exp(0.5) + math.exp(3))]
+    ce = [lse[0] - 2.0, lse[1] - 3.0]
+    total, (ce_mean, z_term) = cross_entropy_with_z_loss(logits, targets, mask, 1e-5)
+    assert float(ce_mean) == pytest.approx(sum(ce) / 2, rel=1e-6)
+    assert float(z_term) == pytest.approx(1e-5 * (lse[0] ** 2 + lse[1] ** 2) / 2, rel=1e-6)
+    assert float(total) == pytest.approx(float(ce_mean) + float(z_term), rel=1e-7)
+    assert float(loss_sums(logits, targets, mask)[2]) == 2.0
+
+
+def test_z_loss_gradient_pushes_logsumexp_to_zero():
+    logits = jnp.full((1, 1, 4), 3.0)
+    grad = jax.grad(lambda l: cross_entropy_with_z_loss(l, jnp.zeros((1, 1), jnp.int32),
+                                                        jnp.ones((1, 1)), 1.0)[0])(logits)
+    grad_ce = jax.grad(lambda l: cross_entropy_with_z_loss(l, jnp.zeros((1, 1), jnp.int32),
+                                                           jnp.ones((1, 1)), 0.0)[0])(logits)
+    assert float(jnp.sum(grad - grad_ce)) > 0  # z-loss adds a push down on every logit
+
+
+def test_weight_decay_skips_only_the_embedding():
+    cfg = ModelConfig(vocab_size=64, padded_vocab_size=64, d_model=16, n_layers=2, n_heads=2,
+                      n_kv_heads=1, head_dim=8, mlp_hidden=32, dtype=jnp.float32)
+    params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    mask = optim.decay_mask(params["params"])
+    flat = {"/".join(str(getattr(k, "key", k)) for k in path): v
+            for path, v in jax.tree_util.tree_leaves_with_path(mask)}
+    assert flat.pop("embedding") is False
+    assert all(flat.values()) and "lm_head" in flat and "final_norm/scale" in flat
+    assert "layers/post_attention_norm/scale" in flat  # norms ARE decayed in OLMo 2
+    # And the optimiser applies it: with zero gradients only decayed params shrink.
+    o = config_lib.base_config().optim
+    o.warmup_steps, o.schedule = 0, "constant"
+    tx, _ = optim.make_optimizer(o, 10)
+    p = params["params"]
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)
+    assert float(jnp.abs(updates["embedding"]).max()) == 0.0
+    np.testing.assert_allclose(updates["lm_head"], -o.lr * o.weight_decay * p["lm_head"], rtol=1e-6)
+
+
+def _optim(**kw):
+    o = config_lib.base_config().optim
+    o.update(kw)
+    return o
+
+
+def test_cosine_schedule_values():
+    s = optim.lr_schedule(_optim(schedule="cosine", lr=1.0, warmup_steps=10, decay_steps=110), 50)
+    assert float(s(0)) == 0.0 and float(s(5)) == pytest.approx(0.5)
+    assert float(s(10)) == pytest.approx(1.0)
+    assert float(s(60)) == pytest.approx(0.1 + 0.9 * 0.5, rel=1e-5)  # half-way down the cosine
+    assert float(s(110)) == pytest.approx(0.1) and float(s(500)) == pytest.approx(0.1)
+
+
+def test_linear_anneal_to_zero_and_wsd():
+    s = optim.lr_schedule(_optim(schedule="linear", lr=7.4487e-5, warmup_steps=0), 100)
+    assert float(s(0)) == pytest.approx(7.4487e-5) and float(s(50)) == pytest.approx(3.72435e-5)
+    assert float(s(100)) == 0.0
+    w = optim.lr_schedule(_optim(schedule="wsd", lr=1.0, warmup_steps=10, wsd_decay_fraction=0.2),
+                          100)
+    assert float(w(5)) == pytest.approx(0.5) and float(w(10)) == 1.0 and float(w(79)) == 1.0
+    assert float(w(90)) == pytest.approx(0.5) and float(w(100)) == 0.0
+
+
+def test_adamw_hyperparameters_match_olmo2():
+    o = config_lib.base_config().optim
+    assert (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm) == (0.9, 0.95, 1e-8, 0.1, 1.0)

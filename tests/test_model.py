@@ -1,0 +1,123 @@
+"""The model against the public transformers Olmo2 (parity), and its basic invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from olmo2_jax.model import ModelConfig, Transformer, apply_rope
+
+TINY = ModelConfig(vocab_size=500, padded_vocab_size=512, d_model=64, n_layers=2, n_heads=4,
+                   n_kv_heads=2, head_dim=16, mlp_hidden=96, rope_theta=500_000.0,
+                   dtype=jnp.float32, remat="none")
+
+
+def init(cfg, seed=0, T=8):
+    model = Transformer(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, T), jnp.int32)))["params"]
+    return model, params
+
+
+def to_hf_state_dict(params, cfg):
+    """Our scanned params -> transformers Olmo2 state dict (numpy, torch layout)."""
+    p = jax.tree.map(np.asarray, params)
+    L, D = cfg.n_layers, cfg.d_model
+    sd = {"model.embed_tokens.weight": p["embedding"], "lm_head.weight": p["lm_head"].T,
+          "model.norm.weight": p["final_norm"]["scale"]}
+    lay = p["layers"]
+    for i in range(L):
+        a, m = lay["attn"], lay["mlp"]
+        pre = f"model.layers.{i}."
+        sd[pre + "self_attn.q_proj.weight"] = a["q_proj"][i].reshape(D, -1).T
+        sd[pre + "self_attn.k_proj.weight"] = a["k_proj"][i].reshape(D, -1).T
+        sd[pre + "self_attn.v_proj.weight"] = a["v_proj"][i].reshape(D, -1).T
+        sd[pre + "self_attn.o_proj.weight"] = a["o_proj"][i].reshape(-1, D).T
+        sd[pre + "self_attn.q_norm.weight"] = a["q_norm"]["scale"][i].reshape(-1)
+        sd[pre + "self_attn.k_norm.weight"] = a["k_norm"]["scale"][i].reshape(-1)
+        sd[pre + "mlp.gate_proj.weight"] = m["gate_proj"][i].T
+        sd[pre + "mlp.up_proj.weight"] = m["up_proj"][i].T
+        sd[pre + "mlp.down_proj.weight"] = m["down_proj"][i].T
+        sd[pre + "post_attention_layernorm.weight"] = lay["post_attention_norm"]["scale"][i]
+        sd[pre + "post_feedforward_layernorm.weight"] = lay["post_mlp_norm"]["scale"][i]
+    return sd
+
+
+def test_logits_match_transformers_olmo2():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = TINY
+    model, params = init(cfg)
+    # Perturb norm scales so a swapped or missing norm cannot hide behind all-ones weights.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * (1 + 0.3 * jax.random.normal(jax.random.PRNGKey(len(path)), x.shape))
+        if getattr(path[-1], "key", "") == "scale" else x, params)
+    hf_cfg = transformers.Olmo2Config(
+        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.d_model,
+        intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=64, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.norm_eps,
+        attention_bias=False, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
+        bos_token_id=1)
+    hf = transformers.Olmo2ForCausalLM(hf_cfg).eval()
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(params, cfg).items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 24))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(tokens)).logits.numpy()
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    model, params = init(TINY)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, TINY.vocab_size)
+    changed = tokens.at[:, 10:].set((tokens[:, 10:] + 7) % TINY.vocab_size)
+    a = model.apply({"params": params}, tokens)
+    b = model.apply({"params": params}, changed)
+    np.testing.assert_array_equal(np.asarray(a[:, :10]), np.asarray(b[:, :10]))
+    assert not np.allclose(np.asarray(a[:, 10:]), np.asarray(b[:, 10:]))
+
+
+def test_segment_ids_keep_attention_inside_documents():
+    model, params = init(TINY)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (1, 12), 0, TINY.vocab_size)
+    seg = jnp.array([[0] * 5 + [1] * 7])
+    pos = jnp.array([list(range(5)) + list(range(7))])
+    packed = model.apply({"params": params}, tokens, pos, seg)
+    alone = model.apply({"params": params}, tokens[:, 5:])
+    np.testing.assert_allclose(np.asarray(packed[:, 5:]), np.asarray(alone), atol=1e-5)
+
+
+def test_scan_and_unrolled_and_remat_agree():
+    _, params = init(TINY)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, TINY.vocab_size)
+    ref = Transformer(TINY).apply({"params": params}, tokens)
+    remat = Transformer(TINY.__class__(**{**TINY.__dict__, "remat": "dots"}))
+    np.testing.assert_allclose(remat.apply({"params": params}, tokens), ref, atol=1e-6)
+    unrolled_cfg = TINY.__class__(**{**TINY.__dict__, "scan_layers": False})
+    unrolled = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(TINY.n_layers):
+        unrolled[f"layers_{i}"] = jax.tree.map(lambda x: x[i], params["layers"])
+    out = Transformer(unrolled_cfg).apply({"params": unrolled}, tokens)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_init_truncated_normal_and_ones():
+    cfg = ModelConfig(vocab_size=4096, padded_vocab_size=4096, d_model=256, n_layers=1,
+                      n_heads=4, n_kv_heads=4, head_dim=64, mlp_hidden=512, dtype=jnp.float32)
+    _, params = init(cfg)
+    emb = np.asarray(params["embedding"])
+    assert np.abs(emb).max() <= 3 * 0.02 + 1e-7
+    assert abs(emb.std() - 0.02 * 0.9866) < 5e-4  # std of N(0, 0.02) cut at +-3 std
+    assert np.all(np.asarray(params["layers"]["post_mlp_norm"]["scale"]) == 1.0)
+    assert params["layers"]["attn"]["q_norm"]["scale"].shape == (1, 4, 64)
+
+
+def test_rope_is_a_rotation_by_position():
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 2, 8))
+    pos = jnp.arange(4)[None]
+    y = apply_rope(x, pos, 10_000.0)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-7)  # position 0: identity
