@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -54,6 +54,8 @@ def dry_run(config) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 shows it
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
@@ -80,5 +82,15 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+def _parse_flags(argv):
+    """absl's parser, but an unknown --config.x.y prints one clear line, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        sys.exit(f"error: unknown config field {e} in {', '.join(overrides)}; the fields are "
+                 "those of olmo2_jax/config.py:base_config() (and the config file)")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

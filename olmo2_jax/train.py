@@ -169,6 +169,13 @@ def train(config, workdir: str) -> dict:
             state, meta = checkpoint.restore(manager, start, abstract, data_iter)
             _warn_config_changes(meta.get("config", {}), config.to_dict())
         batch_sharding = sharding.batch_sharding(mesh)
+        if jax.process_index() == 0:
+            n_params = config_lib.count_params(config.model)["total"]
+            print(f"olmo2_jax: {n_params:,} params | mesh {dict(mesh.shape)} on "
+                  f"{jax.device_count()} {jax.devices()[0].platform} devices | "
+                  f"{tokens_per_step:,} tokens/step, {accum} micro-batch(es) | "
+                  f"{'resuming from step ' + str(start) if start else 'fresh start'} | "
+                  f"workdir {workdir}", flush=True)
         step_fn = jax.jit(
             make_train_step(model, tx, schedule, accum_steps=accum,
                             z_loss_weight=t.z_loss_weight, mesh=mesh),

@@ -1,0 +1,145 @@
+"""Training-step throughput, MFU and peak memory of a real config on one accelerator.
+
+    python bench/train_step.py --config=configs/1b.py --seq=4096 \
+        --variant=b8:train.global_batch_size=8 \
+        --variant=b8_full:train.global_batch_size=8,model.remat=full --out=/tmp/ts.json
+
+Each variant is `name:key=value,key=value` over the config (any config key). Every
+variant runs the real `train_step` (jit, donation, the config's mesh over all local
+devices) on fresh random tokens, warms up, then times `--steps` steps and reports the
+median. MFU uses the PaLM convention (config.flops_per_token) over the chip's bf16 peak.
+Prints one JSON line per variant and a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import runpy
+import statistics
+import time
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from olmo2_jax import config as config_lib
+from olmo2_jax import metrics, optim, sharding, train
+from olmo2_jax.model import ModelConfig, Transformer
+
+
+def parse_value(text: str, old):
+    if isinstance(old, bool):
+        return text.lower() in ("1", "true", "yes")
+    return type(old)(text) if old is not None else text
+
+
+def apply_overrides(c, spec: str):
+    for item in filter(None, spec.split(",")):
+        key, value = item.split("=", 1)
+        *path, leaf = key.split(".")
+        node = c
+        for p in path:
+            node = node[p]
+        node[leaf] = parse_value(value, node[leaf])
+    return c
+
+
+def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -> dict:
+    c = runpy.run_path(config_path)["get_config"]()
+    c.data.seq_len = seq
+    c.train.micro_batch_size = 0
+    c.optim.warmup_steps = 10
+    apply_overrides(c, overrides)
+    config_lib.validate(c, jax.device_count())
+    mesh = sharding.make_mesh(c)
+    model = Transformer(ModelConfig.from_config(c.model))
+    tx, schedule = optim.make_optimizer(c.optim, c.train.steps)
+    accum = c.train.global_batch_size // config_lib.micro_batch_size(c)
+    rng = np.random.default_rng(0)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        state, shardings = train.create_state(model, tx, mesh, jax.random.PRNGKey(0))
+        bs = sharding.batch_sharding(mesh)
+        step_fn = jax.jit(
+            train.make_train_step(model, tx, schedule, accum_steps=accum,
+                                  z_loss_weight=c.train.z_loss_weight, mesh=mesh),
+            in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
+        B, T = c.train.global_batch_size, seq
+
+        def batch():
+            tok = rng.integers(0, c.model.vocab_size, (B, T + 1), dtype=np.int32)
+            return {k: jax.device_put(v, bs) for k, v in
+                    {"inputs": tok[:, :-1], "targets": tok[:, 1:],
+                     "loss_mask": np.ones((B, T), np.float32)}.items()}
+
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch()).compile()
+        compile_s = time.perf_counter() - t0
+        for _ in range(warmup):
+            state, m = compiled(state, batch())
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(steps):
+            b = batch()
+            jax.block_until_ready(b)
+            t = time.perf_counter()
+            state, m = compiled(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
+        loss = float(m["loss"])
+    dt = statistics.median(times)
+    tok_s = B * T / dt
+    fpt = config_lib.flops_per_token(c.model, seq)
+    peak = metrics.peak_flops_per_device() or float("nan")
+    mem = jax.local_devices()[0].memory_stats() or {}
+    return {"batch": B, "seq": T, "step_s": round(dt, 4), "tok_s": round(tok_s),
+            "tflops_per_device": round(tok_s * fpt / 1e12 / jax.device_count(), 1),
+            "mfu": round(tok_s * fpt / (peak * jax.device_count()), 4),
+            "peak_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 1),
+            "compile_s": round(compile_s, 1), "loss": round(loss, 4),
+            "step_s_spread": [round(min(times), 4), round(max(times), 4)]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/1b.py")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variant", action="append", default=None,
+                    help="name:key=value,... (repeatable); default: b8")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    variants = args.variant or ["b8:train.global_batch_size=8"]
+    device = jax.devices()[0]
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": f"{jax.device_count()} x {device.device_kind}", "jax": jax.__version__,
+              "config": args.config, "seq": args.seq}
+    print(json.dumps(header), flush=True)
+    results = []
+    for spec in variants:
+        name, _, overrides = spec.partition(":")
+        try:
+            r = {"variant": name, **bench(args.config, args.seq, overrides, args.steps,
+                                          args.warmup)}
+        except Exception as e:  # noqa: BLE001 -- one failing variant must not lose the others
+            r = {"variant": name, "error": repr(e)[:400]}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({**header, "results": results}, f, indent=2)
+    print(f"\n{'variant':<24}{'tok/s':>10}{'MFU':>8}{'step s':>9}{'peak GiB':>10}{'compile s':>11}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<24} ERROR {r['error'][:80]}")
+        else:
+            print(f"{r['variant']:<24}{r['tok_s']:>10}{r['mfu']:>8.3f}{r['step_s']:>9.3f}"
+                  f"{r['peak_gib']:>10}{r['compile_s']:>11}")
+
+
+if __name__ == "__main__":
+    main()
