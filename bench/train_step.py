@@ -64,7 +64,8 @@ def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -
         bs = sharding.batch_sharding(mesh)
         step_fn = jax.jit(
             train.make_train_step(model, tx, schedule, accum_steps=accum,
-                                  z_loss_weight=c.train.z_loss_weight, mesh=mesh),
+                                  z_loss_weight=c.train.z_loss_weight,
+                                  loss_chunks=c.train.loss_chunks, mesh=mesh),
             in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
         B, T = c.train.global_batch_size, seq
 

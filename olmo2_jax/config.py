@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     t.global_batch_size = 512  # sequences per optimiser step
     t.micro_batch_size = 0  # sequences per forward/backward; 0 = global (no accumulation)
     t.z_loss_weight = 1e-5
+    t.loss_chunks = 8  # fused LM head + loss over this many sequence chunks; 0 = full logits
     t.seed = 0
     t.log_every = 10
     t.peak_flops_per_device = 0.0  # 0 = from the device kind (None on CPU)
@@ -169,6 +170,9 @@ def validate(c, num_devices: int | None = None) -> None:
          f"{t.global_batch_size}")
     need(t.log_every > 0, f"config.train.log_every={t.log_every} must be positive")
     need(t.z_loss_weight >= 0, "config.train.z_loss_weight must be >= 0")
+    need(t.loss_chunks >= 0 and (t.loss_chunks == 0 or c.data.seq_len % t.loss_chunks == 0),
+         f"config.train.loss_chunks={t.loss_chunks} must be 0 or divide data.seq_len="
+         f"{c.data.seq_len}")
 
     need(o.schedule in SCHEDULES, f"config.optim.schedule={o.schedule!r}: choose one of {SCHEDULES}")
     need(o.lr >= 0, f"config.optim.lr={o.lr} must be >= 0")

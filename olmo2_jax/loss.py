@@ -6,8 +6,11 @@ the token count of the whole batch, exactly as one big batch would.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array):
@@ -30,3 +33,75 @@ def cross_entropy_with_z_loss(logits_BTV, targets_BT, mask_BT, z_loss_weight: fl
     ce, z, n = loss_sums(logits_BTV, targets_BT, mask_BT)
     n = jnp.maximum(n, 1.0)
     return (ce + z_loss_weight * z) / n, (ce / n, z_loss_weight * z / n)
+
+
+def fused_lm_head_loss(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
+                       mask_BT: jax.Array, z_loss_weight: float, n_chunks: int):
+    """LM head + CE + z-loss without materialising the [B, T, V] logits.
+
+    `hidden_BTD` is in the compute dtype, `w_DV` the (fp32) LM head weight.
+    Returns (loss_sum, ce_sum, z_sum, count) where loss_sum = ce_sum + w * z_sum. Only
+    loss_sum is differentiable (the rest are metrics; their cotangents are ignored).
+    The sequence is cut into `n_chunks` pieces scanned one at a time; each piece's
+    gradient is computed in the forward pass (the loss is the end of the graph), so the
+    step runs the three LM-head matmuls once each, all in the compute dtype, with fp32
+    logits alive for one chunk only.
+    """
+    loss, ce, z = _fused(hidden_BTD, w_DV, targets_BT.astype(jnp.int32),
+                         mask_BT.astype(jnp.float32), float(z_loss_weight), int(n_chunks))
+    return loss, ce, z, jnp.sum(mask_BT.astype(jnp.float32))
+
+
+def _fused_scan(h, w, targets, mask, zw, n_chunks, with_grads):
+    B, T, D = h.shape
+    V = w.shape[1]
+    wc = w.astype(h.dtype)  # matmuls in the compute dtype; dw accumulates in fp32
+
+    def split(x):  # [B, T, ...] -> [n_chunks, B, T / n_chunks, ...]; B keeps its sharding
+        return jnp.moveaxis(x.reshape(B, n_chunks, T // n_chunks, *x.shape[2:]), 1, 0)
+
+    def body(dw, xs):
+        h_c, t_c, m_c = xs
+        logits = jnp.einsum("BTD,DV->BTV", h_c, wc, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        ce, z = jnp.sum((lse - tgt) * m_c), jnp.sum(jnp.square(lse) * m_c)
+        if not with_grads:
+            return dw, (ce, z)
+        # d(ce + zw * z)/d logits = softmax * (1 + 2 zw lse) - onehot(target), masked.
+        p = jnp.exp(logits - lse[..., None])
+        g = p * ((1.0 + 2.0 * zw * lse) * m_c)[..., None]
+        g = g - jax.nn.one_hot(t_c, V, dtype=jnp.float32) * m_c[..., None]
+        g = g.astype(h.dtype)
+        dh_c = jnp.einsum("BTV,DV->BTD", g, wc)
+        dw = dw + jnp.einsum("BTD,BTV->DV", h_c, g, preferred_element_type=jnp.float32)
+        return dw, (ce, z, dh_c)
+
+    dw0 = jnp.zeros((D, V), jnp.float32) if with_grads else None
+    dw, out = jax.lax.scan(body, dw0, (split(h), split(targets), split(mask)))
+    ce, z = jnp.sum(out[0]), jnp.sum(out[1])
+    if not with_grads:
+        return ce, z
+    dh = jnp.moveaxis(out[2], 0, 1).reshape(B, T, D)
+    return ce, z, dh, dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(h, w, targets, mask, zw, n_chunks):
+    ce, z = _fused_scan(h, w, targets, mask, zw, n_chunks, with_grads=False)
+    return ce + zw * z, ce, z
+
+
+def _fused_fwd(h, w, targets, mask, zw, n_chunks):
+    ce, z, dh, dw = _fused_scan(h, w, targets, mask, zw, n_chunks, with_grads=True)
+    return (ce + zw * z, ce, z), (dh, dw.astype(w.dtype), targets, mask)  # w is fp32: exact
+
+
+def _fused_bwd(zw, n_chunks, res, cts):
+    dh, dw, targets, mask = res
+    ct = cts[0]
+    return ((ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype),
+            np.zeros(targets.shape, jax.dtypes.float0), jnp.zeros_like(mask))
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

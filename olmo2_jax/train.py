@@ -20,7 +20,7 @@ from olmo2_jax import checkpoint
 from olmo2_jax import config as config_lib
 from olmo2_jax import metrics as metrics_lib
 from olmo2_jax import optim, sharding
-from olmo2_jax.loss import loss_sums
+from olmo2_jax.loss import fused_lm_head_loss, loss_sums
 from olmo2_jax.model import ModelConfig, Transformer
 
 
@@ -59,15 +59,21 @@ def create_state(model, tx, mesh, rng):
 
 
 def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_loss_weight: float,
-                    mesh=None):
+                    loss_chunks: int = 0, mesh=None):
     """Returns the pure train_step. With accum_steps > 1 the batch is split into that many
     micro-batches, scanned with summed gradients, and normalised by the total count of
-    loss tokens, so the update equals that of the whole batch at once."""
+    loss tokens, so the update equals that of the whole batch at once. loss_chunks > 0
+    uses the fused LM-head loss (no [B, T, V] logits); 0 materialises the logits."""
 
     def loss_fn(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                             batch.get("segment_ids"))
-        ce, z, n = loss_sums(logits, batch["targets"], batch["loss_mask"])
+        args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+        if loss_chunks:
+            hidden = model.apply({"params": params}, *args, method=Transformer.hidden)
+            loss, ce, z, n = fused_lm_head_loss(hidden, params["lm_head"], batch["targets"],
+                                                batch["loss_mask"], z_loss_weight, loss_chunks)
+            return loss, (ce, z, n)
+        ce, z, n = loss_sums(model.apply({"params": params}, *args), batch["targets"],
+                             batch["loss_mask"])
         return ce + z_loss_weight * z, (ce, z, n)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -178,7 +184,7 @@ def train(config, workdir: str) -> dict:
                   f"workdir {workdir}", flush=True)
         step_fn = jax.jit(
             make_train_step(model, tx, schedule, accum_steps=accum,
-                            z_loss_weight=t.z_loss_weight, mesh=mesh),
+                            z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks, mesh=mesh),
             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
             donate_argnums=(0,))
         writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start,

@@ -12,7 +12,7 @@ from flax import linen as nn
 
 from olmo2_jax import config as config_lib
 from olmo2_jax import optim
-from olmo2_jax.loss import cross_entropy_with_z_loss, loss_sums
+from olmo2_jax.loss import cross_entropy_with_z_loss, fused_lm_head_loss, loss_sums
 from olmo2_jax.model import ModelConfig, Transformer
 
 
@@ -85,3 +85,30 @@ def test_linear_anneal_to_zero_and_wsd():
 def test_adamw_hyperparameters_match_olmo2():
     o = config_lib.base_config().optim
     assert (o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+
+
+@pytest.mark.parametrize("n_chunks", [1, 4])
+def test_fused_lm_head_loss_equals_full_logits(n_chunks):
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    B, T, D, V = 2, 8, 16, 40
+    h = jax.random.normal(k[0], (B, T, D))
+    w = jax.random.normal(k[1], (D, V)) * 0.5
+    targets = jax.random.randint(k[2], (B, T), 0, V)
+    mask = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
+    zw = 1e-2  # large enough that a wrong z-loss gradient shows
+
+    def full(h, w):
+        ce, z, _ = loss_sums(jnp.einsum("BTD,DV->BTV", h, w), targets, mask)
+        return ce + zw * z, (ce, z)
+
+    def fused(h, w):
+        loss, ce, z, _ = fused_lm_head_loss(
+            h, w, targets, mask, zw, n_chunks)
+        return loss, (ce, z)
+
+    (l1, (ce1, z1)), g1 = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(h, w)
+    (l2, (ce2, z2)), g2 = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))(h, w)
+    for a, b in ((l1, l2), (ce1, ce2), (z1, z2)):
+        assert float(b) == pytest.approx(float(a), rel=1e-5)
+    np.testing.assert_allclose(g2[0], g1[0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g2[1], g1[1], rtol=1e-4, atol=1e-6)
