@@ -27,10 +27,11 @@ from olmo2_jax import config as config_lib
 Array = jax.Array
 
 def _save_dots_and_attention(prim, *args, **params) -> bool:
-    """Saves every matmul output and the fused attention kernel's outputs (output and
-    softmax statistics), so the backward pass never re-runs the attention forward."""
+    """Saves the weight matmuls' outputs (dots without batch dims: never the T x T scores
+    of XLA attention) and a fused attention kernel's outputs (output and softmax
+    statistics), so the backward pass never re-runs the attention forward."""
     return (prim.name.startswith("dot_product_attention_fwd")
-            or jax.checkpoint_policies.checkpoint_dots(prim, *args, **params))
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
 _REMAT_POLICIES = {

@@ -194,9 +194,7 @@ def train(config, workdir: str) -> dict:
         mark = (start - 1, time.perf_counter())  # (step, time) of the last emitted metrics
         try:
             for step in range(start, t.steps):
-                local = next(data_iter)
-                batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-                         for k, v in local.items()}
+                batch = _to_global(next(data_iter), batch_sharding)
                 state, step_metrics = step_fn(state, batch)
                 # Metrics are read one step late, so the host never waits on the device.
                 if pending is not None:
@@ -218,6 +216,13 @@ def train(config, workdir: str) -> dict:
             if hasattr(data_iter, "close"):
                 data_iter.close()
     return last
+
+
+def _to_global(local: dict, batch_sharding) -> dict:
+    """This process's share of the batch -> global arrays. The host arrays are copied
+    first: Grain workers hand out shared memory that is recycled after the next read."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.array(v, copy=True))
+            for k, v in local.items()}
 
 
 def _warn_config_changes(saved: dict, current: dict, prefix: str = "config") -> None:
