@@ -216,3 +216,26 @@ def test_remote_reads_match_memmap(two_sources, monkeypatch):
     remote = pipeline.TokenWindows(two_sources[0].paths, SEQ)
     for i in (0, 499, 500, 999):
         np.testing.assert_array_equal(local[i]["inputs"], remote[i]["inputs"])
+
+
+def test_training_on_a_weighted_mix_with_document_masking(tmp_path):
+    """End to end through train.train: mix file, weights, document masking, n-gram mask.
+    (Exact resume of the iterator is tested above; of the loop, in test_train.py.)"""
+    from test_train import losses, small_config
+
+    eos = 100_257  # dolma2's EOS in short synthetic documents, so masking has work to do
+    rng = np.random.default_rng(0)
+    for name, lo in (("web", 0), ("code", 128)):
+        docs = [np.append(rng.integers(lo, lo + 128, rng.integers(5, 40)), eos) for _ in range(400)]
+        write_tokens(tmp_path / f"{name}.npy", np.concatenate(docs))
+    mix = tmp_path / "mix.txt"
+    mix.write_text(f"web,{tmp_path}/web.npy\ncode,{tmp_path}/code.npy\n")
+    c = small_config("", steps=2)
+    c.model.update(vocab_size=100_352, padded_vocab_size=100_352, d_model=16, mlp_hidden=32)
+    c.data.update(mix=str(mix), weights="web=0.7,code=0.3", document_masking=True)
+    c.optim.update(warmup_steps=1, decay_steps=2)
+    c.checkpoint.update(every_steps=2)
+    train.train(c, str(tmp_path / "run"))
+    by_step, rows = losses(tmp_path / "run")
+    assert sorted(by_step) == [0, 1] and np.isfinite(list(by_step.values())).all()
+    assert rows[0]["loss_tokens"] == 8 * (32 - 1)  # no instance of random text is masked
