@@ -239,3 +239,20 @@ def test_training_on_a_weighted_mix_with_document_masking(tmp_path):
     by_step, rows = losses(tmp_path / "run")
     assert sorted(by_step) == [0, 1] and np.isfinite(list(by_step.values())).all()
     assert rows[0]["loss_tokens"] == 8 * (32 - 1)  # no instance of random text is masked
+
+
+@pytest.mark.parametrize("name", ["OLMo-mix-1124.txt", "Dolmino-mix-1124.txt"])
+def test_shipped_mixes_resolve_against_a_copy_of_the_data(tmp_path, name):
+    mix = os.path.join(REPO, "configs", "mixes", name)
+    labels = [line.split(",")[0] for line in open(mix) if line.strip() and line[0] != "#"]
+    for label in labels:
+        folder = tmp_path / label / "allenai" / "dolma2-tokenizer"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            write_tokens(folder / f"part-{i}-00000.npy", np.arange(64))
+    sources = mixture.read_mix(mix, tokenizer_id="allenai/dolma2-tokenizer", base=str(tmp_path))
+    assert [s.label for s in sources] == labels and all(len(s.paths) == 2 for s in sources)
+    it = pipeline.make_iterator(sources=sources, seq_len=SEQ, global_batch_size=4, seed=0,
+                                repeats=[2.0] * len(sources))
+    assert next(it)["inputs"].shape == (4, SEQ)
+    it.close()
