@@ -241,20 +241,31 @@ def prepare(inputs: Sequence[str], output_dir: str, options: Options = Options()
     from tqdm import tqdm
 
     bar = tqdm(desc="prepare", unit=" lines", disable=not options.progress, smoothing=0.1)
+    def consume(out: dict) -> None:
+        nonlocal num_docs, num_malformed, num_lines
+        for doc in out["docs"]:
+            writer.write(doc)
+        num_docs += len(out["docs"])
+        per_source[out["source"]] += len(out["docs"])
+        dropped.update(out["dropped"])
+        for source, line, why in out["malformed"]:
+            num_malformed += 1
+            if len(malformed) < _MAX_EXAMPLES:
+                malformed.append(f"{source}:{line}: {why}")
+                log.warning("skipped %s:%d: %s", source, line, why)
+        num_lines += out["lines"]
+        bar.update(out["lines"])
+
+    # In-order results with a bounded number of chunks in flight (Pool.imap would read the
+    # whole input ahead into memory when the workers are the bottleneck).
     with ctx.Pool(workers, initializer=_init_worker, initargs=(options,)) as pool:
-        for out in pool.imap(_process, _chunks(paths, max_bytes)):
-            for doc in out["docs"]:
-                writer.write(doc)
-            num_docs += len(out["docs"])
-            per_source[out["source"]] += len(out["docs"])
-            dropped.update(out["dropped"])
-            for source, line, why in out["malformed"]:
-                num_malformed += 1
-                if len(malformed) < _MAX_EXAMPLES:
-                    malformed.append(f"{source}:{line}: {why}")
-                    log.warning("skipped %s:%d: %s", source, line, why)
-            num_lines += out["lines"]
-            bar.update(out["lines"])
+        pending: collections.deque = collections.deque()
+        for chunk in _chunks(paths, max_bytes):
+            pending.append(pool.apply_async(_process, (chunk,)))
+            if len(pending) >= 2 * workers:
+                consume(pending.popleft().get())
+        while pending:
+            consume(pending.popleft().get())
     bar.close()
     writer.close()
     manifest = {
