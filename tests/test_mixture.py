@@ -161,7 +161,8 @@ def test_document_masking_and_ngram_mask(tmp_path):
     for i in (1, 2, 3):  # "1 2" x4, "4" x8 and "10" x8: all runs of >= 4 repeats
         out = finish.map(windows[i])
         assert not out["loss_mask"].any()
-        assert out["segment_ids"].tolist() == [0] * SEQ and out["positions"].tolist() == list(range(SEQ))
+        assert out["segment_ids"].tolist() == [0] * SEQ
+        assert out["positions"].tolist() == list(range(SEQ))
     off = pipeline.FinishInstance(pipeline.InstanceOptions(ngram_min_repeats=0)).map(windows[2])
     assert off["loss_mask"].sum() == SEQ - 1 and "segment_ids" not in off
     with pytest.raises(ValueError, match="EOS id"):

@@ -113,7 +113,8 @@ def test_embedded_corpus_prepares_to_the_cached_stream(tmp_path):
 
 def test_cli(tmp_path):
     plain, _, _ = write_inputs(tmp_path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     cmd = [sys.executable, "-m", "olmo2_jax.prepare_data", f"--input={plain}",
            f"--output_dir={tmp_path / 'out'}", "--workers=1", "--no_progress"]
     ok = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -165,11 +165,12 @@ def _process(chunk: Chunk) -> dict:
             dropped["repeated_ngram"] += 1
             continue
         kept.append(np.append(arr, np.uint32(tok.eos_id)))
+    tail_error = ([(chunk.source, chunk.first_line + len(chunk.lines), chunk.error)]
+                  if chunk.error else [])
     return {
         "source": chunk.source,
         "docs": kept,
-        "malformed": [(chunk.source, n, why) for n, why in bad]
-        + ([(chunk.source, chunk.first_line + len(chunk.lines), chunk.error)] if chunk.error else []),
+        "malformed": [(chunk.source, n, why) for n, why in bad] + tail_error,
         "dropped": dropped,
         "lines": len(chunk.lines),
     }
@@ -180,7 +181,8 @@ def resolve_tokenizer(spec: str, embedded_vocab_size: int = 4096) -> Tokenizer:
     if spec == EMBEDDED:
         from olmo2_jax.data import corpus
 
-        spec = f"sentencepiece:{corpus.prepare_default_corpus(vocab_size=embedded_vocab_size).tokenizer_path}"
+        files = corpus.prepare_default_corpus(vocab_size=embedded_vocab_size)
+        spec = f"sentencepiece:{files.tokenizer_path}"
     return load_tokenizer(spec)
 
 

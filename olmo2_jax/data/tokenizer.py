@@ -308,8 +308,8 @@ def _hf_pattern(path: str, pre) -> str:
     # tokenizers runs Oniguruma (Ruby syntax), tiktoken fancy-regex: there `x{1,3}+` is a
     # repeated interval, not possessive, and `$` ends a line, not the text.
     if re.search(r"\{\d+(,\d*)?\}\+|(?<!\\)\$", pattern):
-        raise unsupported(f"the regex {pattern!r} uses `{{n,m}}+` or `$`, which the two regex engines "
-                          "read differently")
+        raise unsupported(f"the regex {pattern!r} uses `{{n,m}}+` or `$`, which the two "
+                          "regex engines read differently")
     return pattern
 
 
@@ -340,7 +340,8 @@ def hf_bpe_tokenizer(path: str) -> TiktokenTokenizer:
         try:
             return bytes(byte_of[ch] for ch in token)
         except KeyError as e:
-            raise ValueError(f"{path}: token {token!r} is not byte-level (ByteLevel alphabet)") from e
+            raise ValueError(
+                f"{path}: token {token!r} is not byte-level (ByteLevel alphabet)") from e
 
     vocab: dict[str, int] = model["vocab"]
     ranks: dict[bytes, int] = {}
