@@ -58,6 +58,14 @@ def base_config() -> ml_collections.ConfigDict:
     d.seed = 0
     d.num_workers = 0  # grain worker processes; 0 = in-process threads
     d.corpus_vocab_size = 4096  # sentencepiece vocab of the embedded default corpus
+    d.tokenizer = "dolma2"  # spec (data/tokenizer.py): {TOKENIZER} in mixes, EOS id, vocab check
+    d.mix = ""  # mix file of `label,path` lines (configs/mixes/); used instead of paths
+    d.mix_base = ""  # folder or gs://bucket/prefix that relative mix paths are under
+    d.weights = ""  # "label=0.7,other=0.3": fixed shares per source; "" = natural token counts
+    d.repeats = ""  # "label=2,...": times per epoch in the natural mix (Dolmino up-sampling)
+    d.document_masking = False  # attention stays within documents (segment ids + positions)
+    d.ngram_max_period = 13  # repeated n-gram loss mask: spans of 1..this many tokens
+    d.ngram_min_repeats = 32  # ... repeated this many times in a row; 0 = off
 
     c.train = t = ml_collections.ConfigDict()
     t.steps = 1000
@@ -162,6 +170,16 @@ def validate(c, num_devices: int | None = None) -> None:
 
     need(0 < c.data.seq_len <= m.max_seq_len,
          f"config.data.seq_len={c.data.seq_len} must be in 1..model.max_seq_len={m.max_seq_len}")
+    d = c.data
+    need(not (d.mix and d.paths), "set config.data.mix or config.data.paths, not both")
+    need(not (d.weights and d.repeats),
+         "config.data.weights (fixed shares) and config.data.repeats (natural shares, "
+         "up-sampled) exclude each other; set one")
+    need(d.mix or not (d.weights or d.repeats),
+         "config.data.weights / repeats name mix sources: set config.data.mix too")
+    need(d.ngram_min_repeats == 0 or (d.ngram_min_repeats >= 2 and d.ngram_max_period >= 1),
+         f"config.data.ngram_min_repeats={d.ngram_min_repeats} must be 0 (off) or >= 2 and "
+         f"ngram_max_period={d.ngram_max_period} >= 1")
     need(t.steps > 0, f"config.train.steps={t.steps} must be positive")
     need(t.global_batch_size > 0, f"config.train.global_batch_size={t.global_batch_size} must be > 0")
     mb = micro_batch_size(c)

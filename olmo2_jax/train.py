@@ -113,8 +113,32 @@ def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_los
     return train_step
 
 
+def _data_tokenizer(config):
+    from olmo2_jax.data.tokenizer import load_tokenizer
+    try:
+        tok = load_tokenizer(config.data.tokenizer)
+    except (ValueError, OSError) as e:
+        raise config_lib.ConfigError(f"config.data.tokenizer={config.data.tokenizer!r}: {e}") from e
+    if tok.vocab_size > config.model.vocab_size:
+        raise config_lib.ConfigError(
+            f"config.data.tokenizer={config.data.tokenizer!r} has {tok.vocab_size} tokens but "
+            f"config.model.vocab_size={config.model.vocab_size}; raise the model's vocab_size")
+    return tok
+
+
+def _mix_sources(config):
+    from olmo2_jax.data import mixture
+    try:
+        return mixture.read_mix(config.data.mix, tokenizer_id=_data_tokenizer(config).name,
+                                base=config.data.mix_base)
+    except (ValueError, OSError) as e:
+        raise config_lib.ConfigError(f"config.data.mix: {e}") from e
+
+
 def resolve_data(config) -> tuple[list[str], int | None]:
     """(token files, tokenizer vocab or None). No paths -> the embedded default corpus."""
+    if config.data.mix:
+        return [p for s in _mix_sources(config) for p in s.paths], None
     if not config.data.paths:
         from olmo2_jax.data import corpus
         files = corpus.prepare_default_corpus(vocab_size=config.data.corpus_vocab_size)
@@ -136,15 +160,37 @@ def resolve_data(config) -> tuple[list[str], int | None]:
 
 def make_data_iterator(config, paths: list[str]):
     """The Grain iterator of per-process batches; bad files surface as a ConfigError."""
-    from olmo2_jax.data import pipeline
+    from olmo2_jax.data import mixture, pipeline
+    d = config.data
+    if d.document_masking:
+        if d.mix or d.paths:
+            eos_id = _data_tokenizer(config).eos_id
+        else:
+            from olmo2_jax.data import corpus
+            eos_id = corpus.EOS_ID
+    instance = pipeline.InstanceOptions(
+        eos_id=eos_id if d.document_masking else None, document_masking=d.document_masking,
+        ngram_max_period=d.ngram_max_period, ngram_min_repeats=d.ngram_min_repeats)
+    mix = {}
+    if d.mix:
+        sources = _mix_sources(config)
+        try:
+            mix = {"sources": sources}
+            if d.weights:
+                mix["weights"] = mixture.source_weights(sources, d.weights)
+            if d.repeats:
+                mix["repeats"] = mixture.source_repeats(sources, d.repeats)
+        except ValueError as e:
+            raise config_lib.ConfigError(str(e)) from e
+        paths = None
     try:
         return pipeline.make_iterator(
-            paths, seq_len=config.data.seq_len, global_batch_size=config.train.global_batch_size,
-            seed=config.data.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), num_workers=config.data.num_workers,
-            vocab_size=config.model.vocab_size)
+            paths, seq_len=d.seq_len, global_batch_size=config.train.global_batch_size,
+            seed=d.seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), num_workers=d.num_workers,
+            vocab_size=config.model.vocab_size, instance=instance, **mix)
     except ValueError as e:
-        raise config_lib.ConfigError(f"config.data.paths: {e}") from e
+        raise config_lib.ConfigError(f"config.data.{'mix' if d.mix else 'paths'}: {e}") from e
 
 
 def train(config, workdir: str) -> dict:
