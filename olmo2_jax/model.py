@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from olmo2_jax import config as config_lib
 
@@ -34,9 +35,20 @@ def _save_dots_and_attention(prim, *args, **params) -> bool:
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
+_SAVED_NAMES = ("q_rope", "k_rope", "mlp_hidden")
+
+
+def _save_dots_attention_and_named(prim, *args, **params) -> bool:
+    """'dots' plus the post-RoPE q/k and the SwiGLU product (bf16), so the backward pass
+    re-runs no elementwise work beyond the norms."""
+    return (_save_dots_and_attention(prim, *args, **params)
+            or jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES)(prim, *args, **params))
+
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": _save_dots_and_attention,
+    "dots_plus": _save_dots_attention_and_named,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
@@ -145,8 +157,8 @@ class Attention(nn.Module):
         # Full-width QK-norm: normalise over (heads, head_dim) together, then RoPE.
         q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q)
         k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k)
-        q = apply_rope(q, positions_BT, cfg.rope_theta)
-        k = apply_rope(k, positions_BT, cfg.rope_theta)
+        q = checkpoint_name(apply_rope(q, positions_BT, cfg.rope_theta), "q_rope")
+        k = checkpoint_name(apply_rope(k, positions_BT, cfg.rope_theta), "k_rope")
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v.astype(dt), ("batch", "seq", "kv_heads", "head_dim"))
@@ -170,7 +182,8 @@ class MLP(nn.Module):
         x = x_BTD.astype(dt)
         gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))
         up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        h = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
+        h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
         return jnp.einsum("BTF,FD->BTD", h, w_down.astype(dt))
 
 

@@ -94,8 +94,13 @@ def test_scan_and_unrolled_and_remat_agree():
     _, params = init(TINY)
     tokens = jax.random.randint(jax.random.PRNGKey(3), (2, 8), 0, TINY.vocab_size)
     ref = Transformer(TINY).apply({"params": params}, tokens)
-    remat = Transformer(TINY.__class__(**{**TINY.__dict__, "remat": "dots"}))
-    np.testing.assert_allclose(remat.apply({"params": params}, tokens), ref, atol=1e-6)
+    for policy in ("dots", "dots_plus", "full"):
+        remat = Transformer(TINY.__class__(**{**TINY.__dict__, "remat": policy}))
+        loss = lambda p, m: jnp.sum(m.apply({"params": p}, tokens) ** 2)  # noqa: E731
+        np.testing.assert_allclose(remat.apply({"params": params}, tokens), ref, atol=1e-6)
+        g_ref = jax.grad(loss)(params, Transformer(TINY))
+        g = jax.grad(loss)(params, remat)
+        np.testing.assert_allclose(g["lm_head"], g_ref["lm_head"], rtol=1e-5, atol=1e-6)
     unrolled_cfg = TINY.__class__(**{**TINY.__dict__, "scan_layers": False})
     unrolled = {k: v for k, v in params.items() if k != "layers"}
     for i in range(TINY.n_layers):
