@@ -18,5 +18,8 @@ def get_config():
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 1000
     c.optim.decay_steps = 596046  # cosine horizon: 5T tokens
+    # Sized for v5p:4x4x8 (128 chips) (launch/aot_compile.py, docs/performance.md); on one
+    # H200 use --config.train.micro_batch_size=8.
+    c.train.micro_batch_size = 256
     c.checkpoint.every_steps = 1000
     return c
