@@ -62,7 +62,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale, bq, bk):
         acc, m, l = carry
         k_start = kb * bk
         k = k_ref[pl.ds(k_start, bk), :]
-        s = pl.dot(q, k, trans_b=True) * (scale * LOG2E)
+        s = plgpu.dot(q, k, trans_b=True) * (scale * LOG2E)
         mask = _mask(seg_ref, q_start, k_start, bq, bk, causal)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
@@ -71,7 +71,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale, bq, bk):
         alpha = jnp.exp2(m - m_next)
         l = alpha * l + jnp.sum(p, axis=1)
         v = v_ref[pl.ds(k_start, bk), :]
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_next, l
 
     carry = (jnp.zeros((bq, H), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -115,14 +115,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dq_ref, *,
     def body(kb, dq, causal):
         k_start = kb * bk
         k, v = k_ref[pl.ds(k_start, bk), :], v_ref[pl.ds(k_start, bk), :]
-        s = pl.dot(q, k, trans_b=True) * (scale * LOG2E)
+        s = plgpu.dot(q, k, trans_b=True) * (scale * LOG2E)
         p = jnp.exp2(s - lse[:, None])
         mask = _mask(seg_ref, q_start, k_start, bq, bk, causal)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        dp = pl.dot(do, v, trans_b=True)
+        dp = plgpu.dot(do, v, trans_b=True)
         ds = p * (dp - di[:, None])
-        return dq + pl.dot(ds.astype(k.dtype), k)
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     dq = jnp.zeros(q.shape, jnp.float32)
     n_full = q_start // bk
@@ -143,15 +143,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dk_ref, d
         q_start = qb * bq
         q, do = q_ref[pl.ds(q_start, bq), g, :], do_ref[pl.ds(q_start, bq), g, :]
         lse, di = lse_ref[g, pl.ds(q_start, bq)], di_ref[g, pl.ds(q_start, bq)]
-        s_t = pl.dot(k, q, trans_b=True) * (scale * LOG2E)
+        s_t = plgpu.dot(k, q, trans_b=True) * (scale * LOG2E)
         p_t = jnp.exp2(s_t - lse[None, :])
         mask = _mask(seg_ref, q_start, k_start, bq, bk, causal)
         if mask is not None:
             p_t = jnp.where(mask.T, p_t, 0.0)
-        dv = dv + pl.dot(p_t.astype(do.dtype), do)
-        dp_t = pl.dot(v, do, trans_b=True)
+        dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
+        dp_t = plgpu.dot(v, do, trans_b=True)
         ds_t = p_t * (dp_t - di[None, :])
-        dk = dk + pl.dot(ds_t.astype(q.dtype), q)
+        dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
         return dk, dv
 
     carry = (jnp.zeros((bk, H), jnp.float32), jnp.zeros((bk, H), jnp.float32))

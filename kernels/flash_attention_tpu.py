@@ -114,12 +114,12 @@ def forward(q_BTNH, k_BSKH, v_BSKH, seg_BT, *, block_q, block_k, interpret=False
     nq, nk = T // bq, T // bk
 
     def kv_block(qi, ki):  # clamp to the last block at or below the diagonal: no extra DMA
-        return jnp.minimum(ki, (qi * bq + bq - 1) // bk)
+        return jnp.minimum(ki, lax.div(qi * bq + bq - 1, bk))
 
     seg_in, seg_specs = _seg_specs(seg_BT, bq, bk, lambda b, h, qi, ki: (b, qi, 0),
                                    lambda b, h, qi, ki: (b, 0, kv_block(qi, ki)))
     q_spec = pl.BlockSpec((None, None, bq, H), lambda b, h, qi, ki: (b, h, qi, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, H), lambda b, h, qi, ki: (b, h // G, kv_block(qi, ki), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, H), lambda b, h, qi, ki: (b, lax.div(h, G), kv_block(qi, ki), 0))
     lse_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, qi, ki: (b, h, qi, 0))
     kernel = functools.partial(_fwd_kernel, has_seg=seg_BT is not None, scale=H**-0.5,
                                bq=bq, bk=bk, nk=nk)
@@ -173,7 +173,7 @@ def _dkv_kernel(*refs, has_seg, scale, bq, bk, nq):
         qseg_ref = kvseg_ref = None
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     ki, j = pl.program_id(2), pl.program_id(3)
-    qi = j % nq
+    qi = lax.rem(j, nq)
 
     @pl.when(j == 0)
     def _init():
@@ -213,12 +213,12 @@ def backward(q_BTNH, k_BSKH, v_BSKH, seg_BT, out_BTNH, lse, d_out_BTNH, *, block
 
     # dq: grid (B, N, q block, kv block), kv sequential.
     def kv_block(qi, ki):
-        return jnp.minimum(ki, (qi * bq + bq - 1) // bk)
+        return jnp.minimum(ki, lax.div(qi * bq + bq - 1, bk))
 
     seg_in, seg_specs = _seg_specs(seg_BT, bq, bk, lambda b, h, qi, ki: (b, qi, 0),
                                    lambda b, h, qi, ki: (b, 0, kv_block(qi, ki)))
     q_spec = pl.BlockSpec((None, None, bq, H), lambda b, h, qi, ki: (b, h, qi, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, H), lambda b, h, qi, ki: (b, h // G, kv_block(qi, ki), 0))
+    kv_spec = pl.BlockSpec((None, None, bk, H), lambda b, h, qi, ki: (b, lax.div(h, G), kv_block(qi, ki), 0))
     row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, qi, ki: (b, h, qi, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, has_seg=has_seg, scale=H**-0.5, bq=bq, bk=bk, nk=nk),
@@ -234,10 +234,10 @@ def backward(q_BTNH, k_BSKH, v_BSKH, seg_BT, out_BTNH, lse, d_out_BTNH, *, block
 
     # dk/dv: grid (B, K, kv block, G * q block); the last axis sweeps the group's query heads.
     def q_block(ki, j):  # clamp the blocks above the diagonal to the first one needed
-        return jnp.maximum(j % nq, (ki * bk) // bq)
+        return jnp.maximum(lax.rem(j, nq), lax.div(ki * bk, bq))
 
     def head(kh, j):
-        return kh * G + j // nq
+        return kh * G + lax.div(j, nq)
 
     seg_in, seg_specs = _seg_specs(seg_BT, bq, bk, lambda b, kh, ki, j: (b, q_block(ki, j), 0),
                                    lambda b, kh, ki, j: (b, 0, ki))
