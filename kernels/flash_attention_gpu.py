@@ -23,7 +23,9 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 # (block_q, block_k, num_warps, num_stages) per kernel; "fwd" tiles also set the padding.
 # Values chosen by the H200 sweep in bench/attention.py (docs/kernels.md).
-TUNING = {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 2), "dkv": (64, 128, 8, 2)}
+# heavy_first: launch the query tiles with the most causal work first (shorter tail).
+TUNING = {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 3), "dkv": (64, 128, 8, 3),
+          "heavy_first": True}
 
 
 def block_sizes(T: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
@@ -42,6 +44,11 @@ def _tile(kind, bq, bk, T):
     return min(q, bq, T), min(k, bk, T), warps, stages
 
 
+def _q_block(i, n):
+    """Query tile of grid index i out of n (reversed when heavy_first)."""
+    return n - 1 - i if TUNING["heavy_first"] else i
+
+
 def _mask(seg_ref, q_start, k_start, bq, bk, causal):
     mask = None
     if causal:
@@ -53,8 +60,7 @@ def _mask(seg_ref, q_start, k_start, bq, bk, causal):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, o_ref, lse_ref, *, scale, bq, bk):
-    qi = pl.program_id(0)
-    q_start = qi * bq
+    q_start = _q_block(pl.program_id(0), pl.num_programs(0)) * bq
     q = q_ref[...]
     H = q.shape[-1]
 
@@ -91,14 +97,14 @@ def forward(q, k, v, seg, *, block_q, block_k, interpret=False):
     bq, bk = block_q, block_k
     _, _, warps, stages = TUNING["fwd"]
     kernel = functools.partial(_fwd_kernel, scale=H**-0.5, bq=bq, bk=bk)
-    q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0))
+    q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, _q_block(i, T // bq), h, 0))
     kv_spec = pl.BlockSpec((None, T, None, H), lambda i, b, h: (b, 0, h // G, 0))
     seg_spec = None if seg is None else pl.BlockSpec((None, T), lambda i, b, h: (b, 0))
     return pl.pallas_call(
         kernel,
         grid=(T // bq, B, N),
         in_specs=[q_spec, kv_spec, kv_spec, seg_spec],
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _q_block(i, T // bq)))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
@@ -108,7 +114,7 @@ def forward(q, k, v, seg, *, block_q, block_k, interpret=False):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dq_ref, *, scale, bq, bk):
-    q_start = pl.program_id(0) * bq
+    q_start = _q_block(pl.program_id(0), pl.num_programs(0)) * bq
     q, do = q_ref[...], do_ref[...]
     lse, di = lse_ref[...], di_ref[...]
 
@@ -174,9 +180,9 @@ def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False
     di = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), d_out.astype(jnp.float32))
 
     bq, bk, warps, stages = _tile("dq", block_q, block_k, T)
-    q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0))
+    q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, _q_block(i, T // bq), h, 0))
     kv_spec = pl.BlockSpec((None, T, None, H), lambda i, b, h: (b, 0, h // G, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _q_block(i, T // bq)))
     seg_spec = None if seg is None else pl.BlockSpec((None, T), lambda i, b, h: (b, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk),

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import runpy
 import subprocess
 import sys
 
@@ -98,3 +99,53 @@ def test_tpu_kernels_compile_ahead_of_time_for_v5p():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count(": ok (") == 3, proc.stdout
+
+
+def test_model_dispatch_runs_per_shard_under_the_mesh(monkeypatch):
+    """config.model.attention='pallas' inside jit on a (data, fsdp, tensor) mesh: the kernel
+    runs per (batch, heads) shard and matches XLA attention, gradients included."""
+    import functools
+
+    from flax import linen as nn
+    from jax.sharding import Mesh
+
+    from olmo2_jax import model, sharding
+
+    # On the CPU the kernels only run interpreted; the model itself never interprets.
+    monkeypatch.setattr(model, "flash_attention",
+                        functools.partial(flash_attention, backend="gpu", interpret=True))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 4), sharding.MESH_AXES)
+    B, T, N, K, H = 2, 64, 8, 4, 64  # per tensor shard: 2 query heads, 1 kv head
+    ks = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(ks[0], (B, T, N, H), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, K, H), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, K, H), jnp.bfloat16)
+    seg = jnp.cumsum(jax.random.bernoulli(ks[3], 0.05, (B, T)), axis=1)
+
+    def loss(impl, q, k, v):
+        out = model.dot_product_attention(q, k, v, seg, impl)
+        return jnp.sum(out.astype(jnp.float32) * jnp.arange(H)), out
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        grad = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2), has_aux=True))
+        (dq, dk, dv), out = grad(q, k, v)
+        jaxpr = str(jax.make_jaxpr(functools.partial(loss, "pallas"))(q, k, v))
+    (rdq, rdk, rdv), ref = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2),
+                                    has_aux=True)(q, k, v)
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    for a, b in ((out, ref), (dq, rdq), (dk, rdk), (dv, rdv)):
+        assert _max_rel_err(a, b) < 2 * BF16_EPS
+
+
+def test_auto_attention_and_config_checks():
+    from olmo2_jax import config as config_lib
+    from olmo2_jax import model
+
+    assert model.attention_impl("auto") == "xla"  # CPU
+    assert model.attention_impl("pallas") == "pallas"
+    c = runpy.run_path("configs/tiny.py")["get_config"]()  # head_dim 32
+    c.model.attention = "pallas"
+    with pytest.raises(config_lib.ConfigError, match="supports head_dim 64 or 128, not 32"):
+        config_lib.validate(c, 8)
+    c.model.head_dim = 64
+    config_lib.validate(c, 8)
