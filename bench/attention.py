@@ -22,16 +22,18 @@ import jax.numpy as jnp
 
 from kernels import flash_attention, flash_attention_gpu
 
-# (block_q, block_k, num_warps, num_stages) candidates per kernel; run 1 (docs/kernels.md)
-# tried (128,64,4,3), (128,64,8,3), (64,64,4,3), (128,128,8,2) fwd; (128,64,8,2), (64,64,4,3),
-# (128,32,4,3) dq; (32,128,4,3), (128,128,8,2) dkv: all slower than the ones kept here.
-SWEEP = {
-    "heavy_first": [True, False],
-    "fwd": [(128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 4), (256, 64, 8, 3),
-            (64, 128, 4, 3), (128, 128, 4, 3)],
-    "dq": [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 2)],
-    "dkv": [(64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3)],
-}
+# Tuning candidates, swept in order at B=8, T=4096; each keeps the best so far. Tiles are
+# (block_q, block_k, num_warps, num_stages). Runs 1-2 (docs/kernels.md) also tried fwd
+# (128,64,4|8,3), (64,64,4,3), (64,128,4,3), (128,128,4,3), (128,128,8,2|4); dq (128,32,4,3),
+# (64,64,4,3), (64,128,4,2), (128,128,8,2|3); dkv (32,128,4,3), (64,128,4,2), (128,128,8,2),
+# (64,64,4,3), (32,64,4,3), and heavy_first False: all slower or out of shared memory.
+SWEEP = [
+    ("fwd", [(128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4)]),
+    ("dq", [(128, 64, 8, 3), (128, 64, 8, 2)]),
+    ("dkv", [(64, 128, 8, 3), (64, 128, 8, 2)]),
+    ("bwd", ["split", "fused"]),
+    ("dkv", [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3), (32, 64, 4, 3)]),
+]
 
 
 def attention_fn(impl, segment_ids=None):
@@ -93,18 +95,20 @@ def sweep(B, T, N, K, H):
     flops = causal_flops(B, T, N, H)
     rows = []
     best = {}
-    for kind, tiles in SWEEP.items():
+    for kind, tiles in SWEEP:
+        start = len(rows)
         for tile in tiles:
             flash_attention_gpu.TUNING[kind] = tile
             try:
-                if kind in ("fwd", "heavy_first"):
+                if kind == "fwd":
                     t = time_fn(jax.jit(attention_fn("pallas")), (q, k, v)) * 3.5
                 else:
                     t = time_fn(jax.jit(fwd_bwd_fn("pallas")), (q, k, v, do))
                 rows.append({"kernel": kind, "tiles": tile, "tflops": 3.5 * flops / t / 1e12})
             except Exception as e:  # a tile that does not fit shared memory: record it
                 rows.append({"kernel": kind, "tiles": tile, "error": str(e).splitlines()[0][:200]})
-        ok = [r for r in rows if r["kernel"] == kind and "tflops" in r] or [{"tiles": tiles[0], "tflops": 0}]
+            print("sweep", rows[-1], flush=True)
+        ok = [r for r in rows[start:] if "tflops" in r] or [{"tiles": tiles[0], "tflops": 0}]
         best[kind] = max(ok, key=lambda r: r["tflops"])["tiles"]
         flash_attention_gpu.TUNING[kind] = best[kind]
     return rows, best
@@ -125,13 +129,18 @@ def main():
             result["check_vs_cudnn"]["B{}_T{}_N{}_K{}_H{}".format(*shape)] = check(shape)
         except Exception as e:
             result["check_vs_cudnn"]["B{}_T{}_N{}_K{}_H{}".format(*shape)] = str(e)[:300]
+    flash_attention_gpu.TUNING["bwd"] = "fused"
+    try:
+        result["check_vs_cudnn"]["fused_bwd_B2_T1000_N8_K2_H128"] = check((2, 1000, 8, 2, 128))
+    except Exception as e:
+        result["check_vs_cudnn"]["fused_bwd_B2_T1000_N8_K2_H128"] = str(e)[:300]
+    flash_attention_gpu.TUNING["bwd"] = "split"
     print("check", result["check_vs_cudnn"], flush=True)
     if not args.quick:
         rows, best = sweep(8, 4096, 16, 16, 128)
-        for r in rows:
-            print("sweep", r, flush=True)
         result["sweep"], result["best_tiles"] = rows, best
         result["check_vs_cudnn"]["best_tiles_B2_T1000_N8_K2_H128"] = check((2, 1000, 8, 2, 128))
+        result["tuning"] = dict(flash_attention_gpu.TUNING)
         print("check", result["check_vs_cudnn"], flush=True)
     table = []
     for B, T in ((8, 4096), (2, 16384)):

@@ -23,9 +23,10 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
 # (block_q, block_k, num_warps, num_stages) per kernel; "fwd" tiles also set the padding.
 # Values chosen by the H200 sweep in bench/attention.py (docs/kernels.md).
+# bwd: "split" (dq kernel + dk/dv kernel) or "fused" (dk/dv kernel adds dq with fp32 atomics).
 # heavy_first: launch the query tiles with the most causal work first (shorter tail).
 TUNING = {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 3), "dkv": (64, 128, 8, 3),
-          "heavy_first": True}
+          "heavy_first": True, "bwd": "split"}
 
 
 def block_sizes(T: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
@@ -138,8 +139,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dq_ref, *,
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, *,
-                scale, bq, bk, G, T):
+def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, *refs, scale, bq, bk, G,
+                T, fused):
+    """dk, dv for one key tile; fused: also adds ds @ k into an fp32 dq with atomics."""
+    if fused:
+        _, dk_ref, dv_ref, dq_ref = refs  # refs[0] is the zeroed dq input, aliased to dq_ref
+    else:
+        dk_ref, dv_ref = refs
     k_start = pl.program_id(0) * bk
     k, v = k_ref[...], v_ref[...]
     H = k.shape[-1]
@@ -156,8 +162,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dk_ref, d
             p_t = jnp.where(mask.T, p_t, 0.0)
         dv = dv + plgpu.dot(p_t.astype(do.dtype), do)
         dp_t = plgpu.dot(v, do, trans_b=True)
-        ds_t = p_t * (dp_t - di[None, :])
-        dk = dk + plgpu.dot(ds_t.astype(q.dtype), q)
+        ds_t = (p_t * (dp_t - di[None, :])).astype(q.dtype)
+        dk = dk + plgpu.dot(ds_t, q)
+        if fused:
+            dq = plgpu.dot(ds_t, k, trans_a=True) * scale
+            plgpu.atomic_add(dq_ref, (pl.ds(q_start, bq), jnp.int32(g), slice(None)), dq)
         return dk, dv
 
     carry = (jnp.zeros((bk, H), jnp.float32), jnp.zeros((bk, H), jnp.float32))
@@ -171,21 +180,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dk_ref, d
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False):
-    """Gradients (dq, dk, dv) in the B,T,N,H / B,S,K,H layout."""
+def _dq(q, k, v, seg, d_out, lse, di, block_q, block_k, interpret):
     B, T, N, H = q.shape
-    K = k.shape[2]
-    G = N // K
-    scale = H**-0.5
-    di = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), d_out.astype(jnp.float32))
-
+    G = N // k.shape[2]
     bq, bk, warps, stages = _tile("dq", block_q, block_k, T)
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, _q_block(i, T // bq), h, 0))
     kv_spec = pl.BlockSpec((None, T, None, H), lambda i, b, h: (b, 0, h // G, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _q_block(i, T // bq)))
     seg_spec = None if seg is None else pl.BlockSpec((None, T), lambda i, b, h: (b, 0))
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk),
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, scale=H**-0.5, bq=bq, bk=bk),
         grid=(T // bq, B, N),
         in_specs=[q_spec, kv_spec, kv_spec, seg_spec, q_spec, row_spec, row_spec],
         out_specs=q_spec,
@@ -195,19 +199,45 @@ def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False
         name="flash_attention_dq",
     )(q, k, v, seg, d_out, lse, di)
 
+
+def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False):
+    """Gradients (dq, dk, dv) in the B,T,N,H / B,S,K,H layout."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    scale = H**-0.5
+    di = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), d_out.astype(jnp.float32))
+
+    fused = TUNING["bwd"] == "fused"
+    dq = None if fused else _dq(q, k, v, seg, d_out, lse, di, block_q, block_k, interpret)
     bq, bk, warps, stages = _tile("dkv", block_q, block_k, T)
     kv_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, kh: (b, j, kh, 0))
     group_spec = pl.BlockSpec((None, T, G, H), lambda j, b, kh: (b, 0, kh, 0))
     row_spec = pl.BlockSpec((None, G, T), lambda j, b, kh: (b, kh, 0))
     seg_spec = None if seg is None else pl.BlockSpec((None, T), lambda j, b, kh: (b, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk, G=G, T=T),
+    inputs = [q, k, v, seg, d_out, lse, di]
+    in_specs = [group_spec, kv_spec, kv_spec, seg_spec, group_spec, row_spec, row_spec]
+    out_specs = [kv_spec, kv_spec]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    aliases = {}
+    if fused:  # fp32 dq accumulated in place (inputs are counted without the None seg)
+        inputs.append(jnp.zeros(q.shape, jnp.float32))
+        in_specs.append(group_spec)
+        out_specs.append(group_spec)
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+        aliases = {sum(x is not None for x in inputs) - 1: 2}
+    outs = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk, G=G, T=T, fused=fused),
         grid=(T // bk, B, K),
-        in_specs=[group_spec, kv_spec, kv_spec, seg_spec, group_spec, row_spec, row_spec],
-        out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="flash_attention_dkv",
-    )(q, k, v, seg, d_out, lse, di)
+    )(*inputs)
+    dk, dv = outs[:2]
+    if fused:
+        dq = outs[2].astype(q.dtype)
     return dq, dk, dv
