@@ -21,12 +21,12 @@ from jax.experimental.pallas import triton as plgpu
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
-# (block_q, block_k, num_warps, num_stages) per kernel; "fwd" tiles also set the padding.
-# Values chosen by the H200 sweep in bench/attention.py (docs/kernels.md).
-# bwd: "split" (dq kernel + dk/dv kernel) or "fused" (dk/dv kernel adds dq with fp32 atomics).
+# (block_q, block_k, num_warps, num_stages) per kernel; "fwd" tiles (or the caller's
+# block_q/block_k) also set the padding. Chosen by the H200 sweeps of bench/attention.py
+# (docs/kernels.md); the backward tiles are independent of the forward ones.
 # heavy_first: launch the query tiles with the most causal work first (shorter tail).
 TUNING = {"fwd": (128, 128, 8, 3), "dq": (128, 64, 8, 3), "dkv": (64, 128, 8, 3),
-          "heavy_first": True, "bwd": "split"}
+          "heavy_first": True}
 
 
 def block_sizes(T: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
@@ -39,10 +39,14 @@ def block_sizes(T: int, block_q: int | None, block_k: int | None) -> tuple[int, 
     return bq, bk
 
 
-def _tile(kind, bq, bk, T):
-    """Backward tiles, clipped so they divide the padded length."""
+def _tile(kind, T):
+    """Backward tiles, halved until they divide the padded length (a multiple of 16)."""
     q, k, warps, stages = TUNING[kind]
-    return min(q, bq, T), min(k, bk, T), warps, stages
+    while T % q:
+        q //= 2
+    while T % k:
+        k //= 2
+    return q, k, warps, stages
 
 
 def _q_block(i, n):
@@ -139,13 +143,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dq_ref, *,
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, *refs, scale, bq, bk, G,
-                T, fused):
-    """dk, dv for one key tile; fused: also adds ds @ k into an fp32 dq with atomics."""
-    if fused:
-        _, dk_ref, dv_ref, dq_ref = refs  # refs[0] is the zeroed dq input, aliased to dq_ref
-    else:
-        dk_ref, dv_ref = refs
+def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, *,
+                scale, bq, bk, G, T):
     k_start = pl.program_id(0) * bk
     k, v = k_ref[...], v_ref[...]
     H = k.shape[-1]
@@ -164,9 +163,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, *refs, sc
         dp_t = plgpu.dot(v, do, trans_b=True)
         ds_t = (p_t * (dp_t - di[None, :])).astype(q.dtype)
         dk = dk + plgpu.dot(ds_t, q)
-        if fused:
-            dq = plgpu.dot(ds_t, k, trans_a=True) * scale
-            plgpu.atomic_add(dq_ref, (pl.ds(q_start, bq), jnp.int32(g), slice(None)), dq)
         return dk, dv
 
     carry = (jnp.zeros((bk, H), jnp.float32), jnp.zeros((bk, H), jnp.float32))
@@ -180,10 +176,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, seg_ref, do_ref, lse_ref, di_ref, *refs, sc
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq(q, k, v, seg, d_out, lse, di, block_q, block_k, interpret):
+def _dq(q, k, v, seg, d_out, lse, di, interpret):
     B, T, N, H = q.shape
     G = N // k.shape[2]
-    bq, bk, warps, stages = _tile("dq", block_q, block_k, T)
+    bq, bk, warps, stages = _tile("dq", T)
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, _q_block(i, T // bq), h, 0))
     kv_spec = pl.BlockSpec((None, T, None, H), lambda i, b, h: (b, 0, h // G, 0))
     row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, _q_block(i, T // bq)))
@@ -208,36 +204,21 @@ def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False
     scale = H**-0.5
     di = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), d_out.astype(jnp.float32))
 
-    fused = TUNING["bwd"] == "fused"
-    dq = None if fused else _dq(q, k, v, seg, d_out, lse, di, block_q, block_k, interpret)
-    bq, bk, warps, stages = _tile("dkv", block_q, block_k, T)
+    del block_q, block_k  # the forward's tiles; the backward kernels have their own
+    dq = _dq(q, k, v, seg, d_out, lse, di, interpret)
+    bq, bk, warps, stages = _tile("dkv", T)
     kv_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, kh: (b, j, kh, 0))
     group_spec = pl.BlockSpec((None, T, G, H), lambda j, b, kh: (b, 0, kh, 0))
     row_spec = pl.BlockSpec((None, G, T), lambda j, b, kh: (b, kh, 0))
     seg_spec = None if seg is None else pl.BlockSpec((None, T), lambda j, b, kh: (b, 0))
-    inputs = [q, k, v, seg, d_out, lse, di]
-    in_specs = [group_spec, kv_spec, kv_spec, seg_spec, group_spec, row_spec, row_spec]
-    out_specs = [kv_spec, kv_spec]
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-    aliases = {}
-    if fused:  # fp32 dq accumulated in place (inputs are counted without the None seg)
-        inputs.append(jnp.zeros(q.shape, jnp.float32))
-        in_specs.append(group_spec)
-        out_specs.append(group_spec)
-        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
-        aliases = {sum(x is not None for x in inputs) - 1: 2}
-    outs = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk, G=G, T=T, fused=fused),
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, bq=bq, bk=bk, G=G, T=T),
         grid=(T // bk, B, K),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        input_output_aliases=aliases,
+        in_specs=[group_spec, kv_spec, kv_spec, seg_spec, group_spec, row_spec, row_spec],
+        out_specs=[kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
         interpret=interpret,
         name="flash_attention_dkv",
-    )(*inputs)
-    dk, dv = outs[:2]
-    if fused:
-        dq = outs[2].astype(q.dtype)
+    )(q, k, v, seg, d_out, lse, di)
     return dq, dk, dv
