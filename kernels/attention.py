@@ -37,9 +37,16 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
     return out.reshape(B, T, N, H).astype(q_BTNH.dtype)
 
 
+def current_platform() -> str:
+    """The platform being compiled for: the ambient mesh's devices when a mesh is set (right
+    for ahead-of-time compiles for a TPU from a CPU host), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def default_backend() -> str:
-    """The kernel family for the current default JAX platform."""
-    platform = jax.default_backend()
+    """The kernel family for the platform being compiled for."""
+    platform = current_platform()
     if platform in ("tpu", "gpu"):
         return platform
     raise ValueError(f"flash_attention: no Pallas kernel for platform {platform!r}; "

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from kernels.attention import HEAD_DIMS as PALLAS_HEAD_DIMS, flash_attention
+from kernels.attention import HEAD_DIMS as PALLAS_HEAD_DIMS, current_platform, flash_attention
 from olmo2_jax import config as config_lib
 
 Array = jax.Array
@@ -108,7 +108,7 @@ def attention_impl(name: str, head_dim: int = 128) -> str:
     """Resolves config.model.attention "auto": Pallas on TPU (head_dim 64/128), cuDNN on GPU
     (fastest measured on the H200, docs/kernels.md), XLA elsewhere."""
     if name == "auto":
-        backend = jax.default_backend()
+        backend = current_platform()  # the mesh's devices: right for AOT compiles too
         if backend == "tpu" and head_dim in PALLAS_HEAD_DIMS:
             return "pallas"
         return "cudnn" if backend == "gpu" else "xla"

@@ -94,8 +94,9 @@ def test_bad_inputs_raise_clear_errors():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 def test_tpu_kernels_compile_ahead_of_time_for_v5p():
-    """Lowers and compiles fwd + dq + dk/dv through libtpu for a v5p topology (subprocess:
-    the TPU plugin stays out of this test process)."""
+    """Lowers and compiles fwd + dq + dk/dv through libtpu for a v5p topology, alone and as
+    the model's sharded "auto" attention (subprocess: the TPU plugin stays out of this test
+    process)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env.pop("XLA_FLAGS", None)
@@ -103,7 +104,7 @@ def test_tpu_kernels_compile_ahead_of_time_for_v5p():
                            "--topology=v5p:2x2x1"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(": ok (") == 3, proc.stdout
+    assert proc.stdout.count(": ok (") == 4, proc.stdout
 
 
 def test_model_dispatch_runs_per_shard_under_the_mesh(monkeypatch):
