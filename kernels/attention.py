@@ -17,8 +17,10 @@ import jax.numpy as jnp
 
 from kernels import flash_attention_gpu, flash_attention_tpu
 
-BACKENDS = ("tpu", "gpu")
+_KERNELS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu}
+BACKENDS = tuple(_KERNELS)
 HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float32)
 
 
 def reference_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
@@ -67,6 +69,9 @@ def _check(q, k, v, segment_ids, backend):
     if N % k.shape[2]:
         raise ValueError(f"flash_attention: {N} query heads not a multiple of {k.shape[2]} "
                          "kv heads (GQA needs n_heads % n_kv_heads == 0)")
+    if q.dtype != k.dtype or q.dtype != v.dtype or q.dtype not in DTYPES:
+        raise ValueError(f"flash_attention: q/k/v dtypes {q.dtype}/{k.dtype}/{v.dtype}; want one "
+                         "of bfloat16 (fp32 accumulation) or float32 for all three")
     if H not in HEAD_DIMS:
         raise ValueError(f"flash_attention: head_dim={H}; the kernels support {HEAD_DIMS}")
     if segment_ids is not None and segment_ids.shape != (B, T):
@@ -82,16 +87,16 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, backend: str
                     interpret: bool = False):
     """Causal GQA attention, optional document masking by segment ids, Pallas kernels.
 
-    backend: "tpu" or "gpu" (default: the current platform). interpret: run the kernels in
-    Pallas interpret mode (CPU tests). block_q/block_k: tile sizes (backend defaults).
+    backend: "tpu" or "gpu" (default: the platform being compiled for). interpret: run the
+    kernels in Pallas interpret mode (CPU tests). block_q/block_k: tile sizes (defaults per
+    backend; on TPU for all three kernels, on GPU for the forward, the backward has its own).
     Any T works: q/k/v are zero-padded to the block; causality keeps the padded keys away
     from the real queries, and the padded rows are dropped.
     """
     backend = backend or default_backend()
     _check(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, backend)
-    mod = flash_attention_tpu if backend == "tpu" else flash_attention_gpu
     T = q_BTNH.shape[1]
-    bq, bk = mod.block_sizes(T, block_q, block_k)
+    bq, bk = _KERNELS[backend].block_sizes(T, block_q, block_k)
     Tp = _round_up(T, max(bq, bk))
     if Tp != T:
         pad = ((0, 0), (0, Tp - T), (0, 0), (0, 0))
@@ -100,12 +105,8 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, backend: str
             segment_ids_BT = jnp.pad(segment_ids_BT, ((0, 0), (0, Tp - T)), constant_values=-1)
     if segment_ids_BT is not None:
         segment_ids_BT = segment_ids_BT.astype(jnp.int32)
-    out = _flash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, (mod.__name__, bq, bk, interpret))
+    out = _flash(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, (backend, bq, bk, interpret))
     return out[:, :T]
-
-
-def _module(name):
-    return flash_attention_tpu if name == flash_attention_tpu.__name__ else flash_attention_gpu
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -114,15 +115,15 @@ def _flash(q, k, v, seg, opts):
 
 
 def _flash_fwd(q, k, v, seg, opts):
-    name, bq, bk, interpret = opts
-    out, lse = _module(name).forward(q, k, v, seg, block_q=bq, block_k=bk, interpret=interpret)
+    backend, bq, bk, interpret = opts
+    out, lse = _KERNELS[backend].forward(q, k, v, seg, block_q=bq, block_k=bk, interpret=interpret)
     return out, (q, k, v, seg, out, lse)
 
 
 def _flash_bwd(opts, res, d_out):
-    name, bq, bk, interpret = opts
+    backend, bq, bk, interpret = opts
     q, k, v, seg, out, lse = res
-    dq, dk, dv = _module(name).backward(q, k, v, seg, out, lse, d_out, block_q=bq, block_k=bk,
+    dq, dk, dv = _KERNELS[backend].backward(q, k, v, seg, out, lse, d_out, block_q=bq, block_k=bk,
                                         interpret=interpret)
     return dq, dk, dv, None
 

@@ -46,17 +46,19 @@ CASES = [
 
 # GPU only: 16-row tiles, T=80 padded to 80, backward tiles halved from 128/64 to 16.
 GPU_CASES = [(1, 80, 4, 2, 64, "random", 16)]
+CASES_F32 = [(1, 128, 2, 1, 64, "random", 128)]  # fp32 inputs (the model's parity dtype)
 
 
-@pytest.mark.parametrize("backend,B,T,N,K,H,layout,block",
-                         [(b, *c) for b in ("tpu", "gpu") for c in CASES]
-                         + [("gpu", *c) for c in GPU_CASES])
-def test_matches_reference_forward_and_grads(backend, B, T, N, K, H, layout, block):
+@pytest.mark.parametrize("backend,B,T,N,K,H,layout,block,dtype",
+                         [(b, *c, "bfloat16") for b in ("tpu", "gpu") for c in CASES]
+                         + [("gpu", *c, "bfloat16") for c in GPU_CASES]
+                         + [(b, *c, "float32") for b in ("tpu", "gpu") for c in CASES_F32])
+def test_matches_reference_forward_and_grads(backend, B, T, N, K, H, layout, block, dtype):
     ks = jax.random.split(jax.random.key(B * T + N + K + H), 5)
-    q = jax.random.normal(ks[0], (B, T, N, H), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, K, H), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, K, H), jnp.bfloat16)
-    d_out = jax.random.normal(ks[3], (B, T, N, H), jnp.bfloat16)
+    q = jax.random.normal(ks[0], (B, T, N, H), dtype)
+    k = jax.random.normal(ks[1], (B, T, K, H), dtype)
+    v = jax.random.normal(ks[2], (B, T, K, H), dtype)
+    d_out = jax.random.normal(ks[3], (B, T, N, H), dtype)
     seg = _segments(ks[4], B, T, layout)
 
     def ours(q, k, v):
@@ -65,12 +67,12 @@ def test_matches_reference_forward_and_grads(backend, B, T, N, K, H, layout, blo
 
     out, vjp = jax.vjp(ours, q, k, v)
     ref, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)
-    assert out.shape == ref.shape and out.dtype == jnp.bfloat16
+    assert out.shape == ref.shape and out.dtype == q.dtype
     errs = {"out": _max_rel_err(out, ref)}
     for name, g, r in zip(("dq", "dk", "dv"), vjp(d_out), ref_vjp(d_out)):
         assert g.shape == r.shape and g.dtype == r.dtype
         errs[name] = _max_rel_err(g, r)
-    print(f"{backend} B{B} T{T} N{N} K{K} H{H} {layout}: max |err| / max |ref| = {errs}")
+    print(f"{backend} {dtype} B{B} T{T} N{N} K{K} H{H} {layout}: max |err| / max |ref| = {errs}")
     # A few bf16 roundings of the largest value: a wrong mask, scale or GQA map is O(1).
     assert max(errs.values()) < 2 * BF16_EPS, errs
     if seg is not None:  # the document mask must matter for these inputs
@@ -88,6 +90,8 @@ def test_bad_inputs_raise_clear_errors():
         flash_attention(q, q, q, backend="cuda")
     with pytest.raises(ValueError, match="multiple of 128"):
         flash_attention(q, q, q, backend="tpu", block_q=64, interpret=True)
+    with pytest.raises(ValueError, match="want one of bfloat16"):
+        flash_attention(q, q.astype(jnp.float32), q, backend="tpu", interpret=True)
     with pytest.raises(ValueError, match="segment_ids"):
         flash_attention(q, q, q, jnp.zeros((1, 64), jnp.int32), backend="tpu", interpret=True)
 
