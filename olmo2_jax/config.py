@@ -158,6 +158,8 @@ def validate(c, num_devices: int | None = None) -> None:
     need(m.attention != "pallas" or head_dim(m) in (64, 128),
          f"config.model.attention='pallas' supports head_dim 64 or 128, not {head_dim(m)}; "
          "use attention='auto' or 'xla'")
+    need(m.attention != "pallas" or m.dtype in ("bfloat16", "float32"),
+         f"config.model.attention='pallas' takes bfloat16 or float32, not dtype={m.dtype!r}")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"config.model.{key}={m[key]!r}: choose one of {DTYPES}")
     need(m.rope_theta > 0 and m.norm_eps > 0, "config.model.rope_theta and norm_eps must be > 0")

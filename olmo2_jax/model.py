@@ -16,6 +16,7 @@ Their mapping onto mesh axes lives only in `sharding.py`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -129,6 +130,14 @@ def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
     if spec_q[1] is not None:
         raise ValueError("config.model.attention='pallas' needs the sequence unsharded "
                          f"(rule for 'seq' gives {spec_q[1]!r}); use attention='xla'")
+    for what, dim, axes in (("batch", q_BTNH.shape[0], spec_q[0]),
+                            ("n_heads", q_BTNH.shape[2], spec_q[2]),
+                            ("n_kv_heads", k_BSKH.shape[2], spec_kv[2])):
+        shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        if dim % shards:
+            raise ValueError(f"config.model.attention='pallas': {what}={dim} does not split over "
+                             f"the {shards} devices of mesh axes {axes!r}; change config.mesh "
+                             "or use attention='xla'")
     args, specs = [q_BTNH, k_BSKH, v_BSKH], [spec_q, spec_kv, spec_kv]
     if segment_ids_BT is not None:
         args.append(segment_ids_BT)

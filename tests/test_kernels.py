@@ -146,6 +146,12 @@ def test_model_dispatch_runs_per_shard_under_the_mesh(monkeypatch):
     for a, b in ((out, ref), (dq, rdq), (dk, rdk), (dv, rdv)):
         assert _max_rel_err(a, b) < 2 * BF16_EPS
 
+    # 4 kv heads cannot split over a tensor axis of 8: a clear error, not a shard_map one.
+    mesh8 = Mesh(np.array(jax.devices()[:8]).reshape(1, 1, 8), sharding.MESH_AXES)
+    with jax.set_mesh(mesh8), nn.logical_axis_rules(sharding.RULES):
+        with pytest.raises(ValueError, match="n_kv_heads=4 does not split over the 8 devices"):
+            model.dot_product_attention(q, k, v, seg, "pallas")
+
 
 def test_auto_attention_and_config_checks():
     from olmo2_jax import config as config_lib
