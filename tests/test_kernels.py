@@ -46,12 +46,15 @@ CASES = [
 
 # GPU only: 16-row tiles, T=80 padded to 80, backward tiles halved from 128/64 to 16.
 GPU_CASES = [(1, 80, 4, 2, 64, "random", 16)]
+# TPU only: unequal query/key tiles (the causal clamping of the index maps), T=200 -> 256.
+TPU_CASES = [(1, 200, 4, 2, 128, "random", (128, 256)), (1, 256, 2, 1, 64, "edges", (256, 128))]
 CASES_F32 = [(1, 128, 2, 1, 64, "random", 128)]  # fp32 inputs (the model's parity dtype)
 
 
 @pytest.mark.parametrize("backend,B,T,N,K,H,layout,block,dtype",
                          [(b, *c, "bfloat16") for b in ("tpu", "gpu") for c in CASES]
                          + [("gpu", *c, "bfloat16") for c in GPU_CASES]
+                         + [("tpu", *c, "bfloat16") for c in TPU_CASES]
                          + [(b, *c, "float32") for b in ("tpu", "gpu") for c in CASES_F32])
 def test_matches_reference_forward_and_grads(backend, B, T, N, K, H, layout, block, dtype):
     ks = jax.random.split(jax.random.key(B * T + N + K + H), 5)
@@ -62,7 +65,8 @@ def test_matches_reference_forward_and_grads(backend, B, T, N, K, H, layout, blo
     seg = _segments(ks[4], B, T, layout)
 
     def ours(q, k, v):
-        return flash_attention(q, k, v, seg, backend=backend, block_q=block, block_k=block,
+        bq, bk = block if isinstance(block, tuple) else (block, block)
+        return flash_attention(q, k, v, seg, backend=backend, block_q=bq, block_k=bk,
                                interpret=True)
 
     out, vjp = jax.vjp(ours, q, k, v)
