@@ -19,7 +19,7 @@ MODEL_PRESETS = {
 }
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # master weights
     m.scan_layers = True
     m.remat = "dots"  # one of REMAT_POLICIES
-    m.attention = "auto"  # one of ATTENTION_IMPLS; auto = cudnn on GPU, xla elsewhere
+    m.attention = "auto"  # one of ATTENTION_IMPLS; auto = pallas on TPU, cudnn on GPU, xla on CPU
 
     c.data = d = ml_collections.ConfigDict()
     d.paths = ""  # comma-separated raw uint32 token files (globs ok); "" = embedded corpus
@@ -164,6 +164,11 @@ def validate(c, num_devices: int | None = None) -> None:
     need(m.remat in REMAT_POLICIES, f"config.model.remat={m.remat!r}: choose one of {REMAT_POLICIES}")
     need(m.attention in ATTENTION_IMPLS,
          f"config.model.attention={m.attention!r}: choose one of {ATTENTION_IMPLS}")
+    need(m.attention != "pallas" or head_dim(m) in (64, 128),
+         f"config.model.attention='pallas' supports head_dim 64 or 128, not {head_dim(m)}; "
+         "use attention='auto' or 'xla'")
+    need(m.attention != "pallas" or m.dtype in ("bfloat16", "float32"),
+         f"config.model.attention='pallas' takes bfloat16 or float32, not dtype={m.dtype!r}")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"config.model.{key}={m[key]!r}: choose one of {DTYPES}")
     need(m.rope_theta > 0 and m.norm_eps > 0, "config.model.rope_theta and norm_eps must be > 0")

@@ -16,6 +16,7 @@ Their mapping onto mesh axes lives only in `sharding.py`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from kernels.attention import HEAD_DIMS as PALLAS_HEAD_DIMS, current_platform, flash_attention
 from olmo2_jax import config as config_lib
 
 Array = jax.Array
@@ -31,7 +33,8 @@ def _save_dots_and_attention(prim, *args, **params) -> bool:
     """Saves the weight matmuls' outputs (dots without batch dims: never the T x T scores
     of XLA attention) and a fused attention kernel's outputs (output and softmax
     statistics), so the backward pass never re-runs the attention forward."""
-    return (prim.name.startswith("dot_product_attention_fwd")
+    return (prim.name.startswith("dot_product_attention_fwd")  # cuDNN
+            or prim.name == "pallas_call"  # kernels/: the forward's output and logsumexp
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
@@ -123,20 +126,58 @@ def apply_rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
     return out.astype(x_BTNH.dtype)
 
 
-def attention_impl(name: str) -> str | None:
-    """Resolves config.model.attention to a `jax.nn.dot_product_attention` implementation."""
+def attention_impl(name: str, head_dim: int = 128) -> str:
+    """Resolves config.model.attention "auto": Pallas on TPU (head_dim 64/128), cuDNN on GPU
+    (fastest measured on the H200, docs/kernels.md), XLA elsewhere."""
     if name == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "xla"
+        backend = current_platform()  # the mesh's devices: right for AOT compiles too
+        if backend == "tpu" and head_dim in PALLAS_HEAD_DIMS:
+            return "pallas"
+        return "cudnn" if backend == "gpu" else "xla"
     return name
+
+
+def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
+    """The Pallas kernel, run per shard (batch/heads) under the ambient mesh, if any.
+
+    A pallas_call is opaque to the SPMD partitioner, so shard_map hands each device its
+    local (batch, heads) slice; heads and kv_heads shard alike, so the GQA map stays local.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    spec_q = nn.logical_to_mesh_axes(("batch", "seq", "heads", "head_dim"))
+    spec_kv = nn.logical_to_mesh_axes(("batch", "seq", "kv_heads", "head_dim"))
+    if spec_q[1] is not None:
+        raise ValueError("config.model.attention='pallas' needs the sequence unsharded "
+                         f"(rule for 'seq' gives {spec_q[1]!r}); use attention='xla'")
+    for what, dim, axes in (("batch", q_BTNH.shape[0], spec_q[0]),
+                            ("n_heads", q_BTNH.shape[2], spec_q[2]),
+                            ("n_kv_heads", k_BSKH.shape[2], spec_kv[2])):
+        shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+        if dim % shards:
+            raise ValueError(f"config.model.attention='pallas': {what}={dim} does not split over "
+                             f"the {shards} devices of mesh axes {axes!r}; change config.mesh "
+                             "or use attention='xla'")
+    args, specs = [q_BTNH, k_BSKH, v_BSKH], [spec_q, spec_kv, spec_kv]
+    if segment_ids_BT is not None:
+        args.append(segment_ids_BT)
+        specs.append(jax.sharding.PartitionSpec(spec_q[0], None))
+    fn = jax.shard_map(lambda *a: flash_attention(*a), mesh=mesh, in_specs=tuple(specs),
+                       out_specs=spec_q, check_vma=False)
+    return fn(*args)
 
 
 def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, impl="xla"):
     """Causal GQA attention (K/V are not repeated); optional document masking."""
+    impl = attention_impl(impl, q_BTNH.shape[-1])
+    if impl == "pallas":
+        return _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
     mask = None
     if segment_ids_BT is not None:
         mask = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=True,
-                                        implementation=attention_impl(impl))
+                                        implementation=impl)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,171 @@
+"""Pallas flash attention in interpret mode against `reference_attention`, and AOT for TPU."""
+
+import importlib.util
+import os
+import runpy
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import flash_attention, reference_attention
+
+BF16_EPS = 2.0**-7  # bf16 spacing at 1: outputs are rounded to bf16 at the end
+
+
+def _segments(key, B, T, layout):
+    if layout is None:
+        return None
+    if layout == "random":  # documents of random lengths, boundaries anywhere
+        starts = jax.random.bernoulli(key, 0.03, (B, T)).at[:, 0].set(True)
+        return jnp.cumsum(starts, axis=1).astype(jnp.int32)
+    # block edges and a one-token document: boundaries at 127|128, 129|130, T-1
+    ids = np.zeros((B, T), np.int32)
+    ids[:, 128:] += 1
+    ids[:, 130:] += 1
+    ids[:, T - 1:] += 1
+    return jnp.asarray(ids)
+
+
+def _max_rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+# (B, T, N, K, H, segment layout, block): MHA, GQA 2, GQA 8 (MQA-like), head_dim 64/128,
+# T a multiple of the block and not (200 -> padded to 256), documents crossing blocks.
+CASES = [
+    (1, 256, 2, 2, 128, None, 128),
+    (2, 200, 4, 2, 64, "random", 128),
+    (1, 256, 8, 1, 128, "edges", 128),
+]
+
+
+# GPU only: 16-row tiles, T=80 padded to 80, backward tiles halved from 128/64 to 16.
+GPU_CASES = [(1, 80, 4, 2, 64, "random", 16)]
+# TPU only: unequal query/key tiles (the causal clamping of the index maps), T=200 -> 256.
+TPU_CASES = [(1, 200, 4, 2, 128, "random", (128, 256)), (1, 256, 2, 1, 64, "edges", (256, 128))]
+CASES_F32 = [(1, 128, 2, 1, 64, "random", 128)]  # fp32 inputs (the model's parity dtype)
+
+
+@pytest.mark.parametrize("backend,B,T,N,K,H,layout,block,dtype",
+                         [(b, *c, "bfloat16") for b in ("tpu", "gpu") for c in CASES]
+                         + [("gpu", *c, "bfloat16") for c in GPU_CASES]
+                         + [("tpu", *c, "bfloat16") for c in TPU_CASES]
+                         + [(b, *c, "float32") for b in ("tpu", "gpu") for c in CASES_F32])
+def test_matches_reference_forward_and_grads(backend, B, T, N, K, H, layout, block, dtype):
+    ks = jax.random.split(jax.random.key(B * T + N + K + H), 5)
+    q = jax.random.normal(ks[0], (B, T, N, H), dtype)
+    k = jax.random.normal(ks[1], (B, T, K, H), dtype)
+    v = jax.random.normal(ks[2], (B, T, K, H), dtype)
+    d_out = jax.random.normal(ks[3], (B, T, N, H), dtype)
+    seg = _segments(ks[4], B, T, layout)
+
+    def ours(q, k, v):
+        bq, bk = block if isinstance(block, tuple) else (block, block)
+        return flash_attention(q, k, v, seg, backend=backend, block_q=bq, block_k=bk,
+                               interpret=True)
+
+    out, vjp = jax.vjp(ours, q, k, v)
+    ref, ref_vjp = jax.vjp(lambda q, k, v: reference_attention(q, k, v, seg), q, k, v)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    errs = {"out": _max_rel_err(out, ref)}
+    for name, g, r in zip(("dq", "dk", "dv"), vjp(d_out), ref_vjp(d_out)):
+        assert g.shape == r.shape and g.dtype == r.dtype
+        errs[name] = _max_rel_err(g, r)
+    print(f"{backend} {dtype} B{B} T{T} N{N} K{K} H{H} {layout}: max |err| / max |ref| = {errs}")
+    # A few bf16 roundings of the largest value: a wrong mask, scale or GQA map is O(1).
+    assert max(errs.values()) < 2 * BF16_EPS, errs
+    if seg is not None:  # the document mask must matter for these inputs
+        assert _max_rel_err(reference_attention(q, k, v), ref) > 0.1
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = jnp.zeros((1, 128, 4, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match="head_dim=96"):
+        flash_attention(q, q[:, :, :2], q[:, :, :2], backend="gpu", interpret=True)
+    q = jnp.zeros((1, 128, 4, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="not a multiple of 3 kv heads"):
+        flash_attention(q, q[:, :, :3], q[:, :, :3], backend="gpu", interpret=True)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        flash_attention(q, q, q, backend="cuda")
+    with pytest.raises(ValueError, match="multiple of 128"):
+        flash_attention(q, q, q, backend="tpu", block_q=64, interpret=True)
+    with pytest.raises(ValueError, match="want one of bfloat16"):
+        flash_attention(q, q.astype(jnp.float32), q, backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match="segment_ids"):
+        flash_attention(q, q, q, jnp.zeros((1, 64), jnp.int32), backend="tpu", interpret=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_tpu_kernels_compile_ahead_of_time_for_v5p():
+    """Lowers and compiles fwd + dq + dk/dv through libtpu for a v5p topology, alone and as
+    the model's sharded "auto" attention (subprocess: the TPU plugin stays out of this test
+    process)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(root, "launch", "aot_attention.py"),
+                           "--topology=v5p:2x2x1"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count(": ok (") == 4, proc.stdout
+
+
+def test_model_dispatch_runs_per_shard_under_the_mesh(monkeypatch):
+    """config.model.attention='pallas' inside jit on a (data, fsdp, tensor) mesh: the kernel
+    runs per (batch, heads) shard and matches XLA attention, gradients included."""
+    import functools
+
+    from flax import linen as nn
+    from jax.sharding import Mesh
+
+    from olmo2_jax import model, sharding
+
+    # On the CPU the kernels only run interpreted; the model itself never interprets.
+    monkeypatch.setattr(model, "flash_attention",
+                        functools.partial(flash_attention, backend="gpu", interpret=True))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 4), sharding.MESH_AXES)
+    B, T, N, K, H = 2, 64, 8, 4, 64  # per tensor shard: 2 query heads, 1 kv head
+    ks = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(ks[0], (B, T, N, H), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, K, H), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, K, H), jnp.bfloat16)
+    seg = jnp.cumsum(jax.random.bernoulli(ks[3], 0.05, (B, T)), axis=1)
+
+    def loss(impl, q, k, v):
+        out = model.dot_product_attention(q, k, v, seg, impl)
+        return jnp.sum(out.astype(jnp.float32) * jnp.arange(H)), out
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        grad = jax.jit(jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2), has_aux=True))
+        (dq, dk, dv), out = grad(q, k, v)
+        jaxpr = str(jax.make_jaxpr(functools.partial(loss, "pallas"))(q, k, v))
+    (rdq, rdk, rdv), ref = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1, 2),
+                                    has_aux=True)(q, k, v)
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    for a, b in ((out, ref), (dq, rdq), (dk, rdk), (dv, rdv)):
+        assert _max_rel_err(a, b) < 2 * BF16_EPS
+
+    # 4 kv heads cannot split over a tensor axis of 8: a clear error, not a shard_map one.
+    mesh8 = Mesh(np.array(jax.devices()[:8]).reshape(1, 1, 8), sharding.MESH_AXES)
+    with jax.set_mesh(mesh8), nn.logical_axis_rules(sharding.RULES):
+        with pytest.raises(ValueError, match="n_kv_heads=4 does not split over the 8 devices"):
+            model.dot_product_attention(q, k, v, seg, "pallas")
+
+
+def test_auto_attention_and_config_checks():
+    from olmo2_jax import config as config_lib
+    from olmo2_jax import model
+
+    assert model.attention_impl("auto") == "xla"  # CPU
+    assert model.attention_impl("pallas") == "pallas"
+    c = runpy.run_path("configs/tiny.py")["get_config"]()  # head_dim 32
+    c.model.attention = "pallas"
+    with pytest.raises(config_lib.ConfigError, match="supports head_dim 64 or 128, not 32"):
+        config_lib.validate(c, 8)
+    c.model.head_dim = 64
+    config_lib.validate(c, 8)
