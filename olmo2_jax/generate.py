@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from olmo2_jax import sharding
 from olmo2_jax.model import ModelConfig, Transformer
 
-CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")  # Transformer.decode
 PROMPT_BUCKET = 8  # prompt lengths are rounded up to this, so few lengths compile
 
 
@@ -133,7 +133,7 @@ class Generator:
         positions = jnp.maximum(jnp.arange(T)[None] - start_B[:, None], 0)
         logits, (k, v) = self.model.apply({"params": params}, tokens_BT, positions, None, 0,
                                           start_B, method=Transformer.decode)
-        shape = (cfg.n_layers, B, cache_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, B, cfg.n_kv_heads, cache_len, cfg.head_dim)
         cache = tuple(
             jax.lax.with_sharding_constraint(
                 jax.lax.dynamic_update_slice(jnp.zeros(shape, cfg.dtype), x.astype(cfg.dtype),
@@ -145,7 +145,7 @@ class Generator:
         """Samples `steps` tokens, the first from the prefill logits; finished rows emit -1.
         Also returns each token's log-probability under the model (temperature 1, no cut)."""
         B = logits_BV.shape[0]
-        T0 = cache[0].shape[2] - steps  # slot of the first generated token
+        T0 = cache[0].shape[3] - steps  # slot of the first generated token
         stop_ids = jnp.asarray(stop or (-2,), jnp.int32)
 
         def cond(c):
@@ -168,7 +168,7 @@ class Generator:
                 {"params": params}, jnp.maximum(tok, 0)[:, None], positions, cache, index,
                 start_B, method=Transformer.decode)
             cache = tuple(
-                jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, index, 0, 0))
+                jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, 0, index, 0))
                 for c, n in zip(cache, (k, v)))
             return i + 1, cache, logits, out, out_lp, done, rng
 

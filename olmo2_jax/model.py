@@ -128,12 +128,16 @@ def cached_attention(q_BTNH, k_new_BTKH, v_new_BTKH, kv_cache, index, start_B):
     """Causal GQA attention of T new tokens (cache slots index..index+T-1) over the cached
     slots [start_b, index) of each row plus the new tokens themselves.
 
-    `kv_cache` is None (prefill: nothing cached yet) or (k_BSKH, v_BSKH). Rows are
+    `kv_cache` is None (prefill: nothing cached yet) or (k_BKSH, v_BKSH). Rows are
     left-padded: slots before `start_B` hold padding and are masked out. Softmax in fp32.
+    The cached part is written as multiply-and-reduce rather than a batched matmul: with
+    a few query tokens it is a memory-bound mat-vec, and a reduction fusion reads the
+    cache slice where it lies instead of first copying it into a GEMM operand.
     """
     B, T, N, H = q_BTNH.shape
     K = k_new_BTKH.shape[2]
-    q = q_BTNH.reshape(B, T, K, N // K, H) * jnp.asarray(H ** -0.5, q_BTNH.dtype)
+    G = N // K
+    q = q_BTNH.reshape(B, T, K, G, H) * jnp.asarray(H ** -0.5, q_BTNH.dtype)
     neg = jnp.finfo(jnp.float32).min  # finite, so an all-masked padding row gives no NaN
     t = jnp.arange(T)
     new_ok_BTT = (t[None, :, None] >= t[None, None, :]) & (
@@ -141,16 +145,21 @@ def cached_attention(q_BTNH, k_new_BTKH, v_new_BTKH, kv_cache, index, start_B):
     s_new = jnp.einsum("BTKGH,BUKH->BKGTU", q, k_new_BTKH, preferred_element_type=jnp.float32)
     scores = [jnp.where(new_ok_BTT[:, None, None], s_new, neg)]
     if kv_cache is not None:
-        k_BSKH, v_BSKH = kv_cache
-        s_idx = jnp.arange(k_BSKH.shape[1])
+        k_BKSH, v_BKSH = kv_cache
+        s_idx = jnp.arange(k_BKSH.shape[2])
         old_ok_BS = (s_idx[None] < index) & (s_idx[None] >= start_B[:, None])
-        s_old = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_BSKH, preferred_element_type=jnp.float32)
+        q_BKGTH = q.transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+        s_old = jnp.sum(q_BKGTH[:, :, :, :, None, :]
+                        * k_BKSH[:, :, None, None].astype(jnp.float32), axis=-1)
         scores.insert(0, jnp.where(old_ok_BS[:, None, None, None], s_old, neg))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(v_new_BTKH.dtype)
-    out = jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., -T:], v_new_BTKH)
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out = jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., -T:].astype(v_new_BTKH.dtype), v_new_BTKH,
+                     preferred_element_type=jnp.float32)
     if kv_cache is not None:
-        out = out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :-T], v_BSKH)
-    return out.reshape(B, T, N, H)
+        old = jnp.sum(probs[..., :-T, None] * v_BKSH[:, :, None, None].astype(jnp.float32),
+                      axis=-2)  # B,K,G,T,H
+        out = out + old.transpose(0, 3, 1, 2, 4)
+    return out.astype(q_BTNH.dtype).reshape(B, T, N, H)
 
 
 class Attention(nn.Module):
@@ -182,7 +191,8 @@ class Attention(nn.Module):
         if slots is None:
             out, new_kv = dot_product_attention(q, k, v, segment_ids_BT, cfg.attention), None
         else:
-            out, new_kv = cached_attention(q, k, v, kv_cache, *slots), (k, v)
+            out = cached_attention(q, k, v, kv_cache, *slots)
+            new_kv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # cache layout BKTH
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_kv
 
@@ -272,11 +282,12 @@ class Transformer(nn.Module):
 
     def decode(self, tokens_BT, positions_BT, kv_cache, index, start_B):
         """Logits of the last new token (B, V) and the new tokens' (k, v), each
-        (layers, B, T, kv_heads, head_dim), for the caller to write at cache slot `index`.
+        (layers, B, kv_heads, T, head_dim), for the caller to write at cache slot `index`.
 
         The T new tokens sit at slots index..index+T-1 of left-padded rows whose real
-        tokens start at slot `start_B`; `kv_cache` = (k, v) of shape (layers, B, S, K, H)
-        holding slots < index, or None for a prefill into an empty cache.
+        tokens start at slot `start_B`; `kv_cache` = (k, v) of shape (layers, B, K, S, H)
+        (slots contiguous per head, as the decode reads them) holding slots < index, or
+        None for a prefill into an empty cache.
         """
         x, new_kv = self._layers(self._embed(tokens_BT), positions_BT, None, kv_cache,
                                  (index, start_B))

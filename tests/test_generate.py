@@ -47,7 +47,7 @@ def test_decode_with_cache_equals_full_forward(scan):
     positions = np.maximum(np.arange(P)[None] - start[:, None], 0)
     logits, (k, v) = decode(tokens, positions, None, 0, start)
     L, S = cfg.n_layers, P + steps
-    cache = [jnp.zeros((L, 3, S, cfg.n_kv_heads, cfg.head_dim)).at[:, :, :P].set(x)
+    cache = [jnp.zeros((L, 3, cfg.n_kv_heads, S, cfg.head_dim)).at[:, :, :, :P].set(x)
              for x in (k, v)]
     for step in range(steps + 1):
         for b, n in enumerate(prompt_lens):
@@ -57,7 +57,7 @@ def test_decode_with_cache_equals_full_forward(scan):
         index = P + step
         tok = np.array([[row[n + step]] for row, n in zip(rows, prompt_lens)])
         logits, (k, v) = decode(tok, (index - start)[:, None], tuple(cache), index, start)
-        cache = [c.at[:, :, index].set(x[:, :, 0]) for c, x in zip(cache, (k, v))]
+        cache = [c.at[:, :, :, index].set(x[:, :, :, 0]) for c, x in zip(cache, (k, v))]
 
 
 def test_generated_logprobs_equal_full_forward(tiny):
