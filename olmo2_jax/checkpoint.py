@@ -127,8 +127,11 @@ def load_params(directory: str, cfg, mesh, step: int | None = None):
     abstract = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0),
                               jnp.zeros((1, 1), jnp.int32))
     shardings = sharding.logical_shardings(mesh, abstract)["params"]
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    # Unwrap the boxes by hand: nn.unbox would apply sharding constraints under a mesh.
+    plain = jax.tree.map(lambda x: x.value if is_box(x) else x, abstract, is_leaf=is_box)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(abstract)["params"], shardings)
+                          plain["params"], shardings)
     manager, step = _reader(directory, step)
     item = {"params": target}
     args = ocp.args.PyTreeRestore(item=item, partial_restore=True,

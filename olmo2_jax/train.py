@@ -154,6 +154,7 @@ def train(config, workdir: str) -> dict:
     peak = t.peak_flops_per_device or metrics_lib.peak_flops_per_device()
     tokens_per_step = t.global_batch_size * config.data.seq_len
 
+    init_from = _check_init_from(config) if t.init_from else None
     data_iter = make_data_iterator(config, paths)
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                       keep=config.checkpoint.keep,
@@ -164,6 +165,9 @@ def train(config, workdir: str) -> dict:
         start = manager.latest_step()
         if start is None:
             state, _ = create_state(model, tx, mesh, rng)
+            if init_from:
+                state = state.replace(params=checkpoint.load_params(
+                    init_from, model.cfg, mesh))
             start = 0
         else:
             state, meta = checkpoint.restore(manager, start, abstract, data_iter)
@@ -205,6 +209,29 @@ def train(config, workdir: str) -> dict:
             if hasattr(data_iter, "close"):
                 data_iter.close()
     return last
+
+
+def _check_init_from(config) -> str:
+    """The checkpoint dir of config.train.init_from, after checking its model shape matches
+    (before anything compiles)."""
+    try:
+        directory = checkpoint.resolve_dir(config.train.init_from)
+        saved = checkpoint.read_meta(directory)["config"]["model"]
+    except (FileNotFoundError, ValueError) as e:
+        raise config_lib.ConfigError(f"config.train.init_from: {e}") from e
+    keys = ("vocab_size", "padded_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+            "mlp_hidden", "scan_layers")
+    diff = [f"model.{k}={config.model[k]!r} (checkpoint: {saved.get(k)!r})" for k in keys
+            if saved.get(k) != config.model[k]]
+    saved_hd = saved.get("head_dim") or saved["d_model"] // saved["n_heads"]
+    if saved_hd != config_lib.head_dim(config.model):
+        diff.append(f"model.head_dim={config_lib.head_dim(config.model)} (checkpoint: {saved_hd})")
+    if diff:
+        raise config_lib.ConfigError(
+            f"config.train.init_from={config.train.init_from}: the model differs from the "
+            f"checkpoint's: {', '.join(diff)}; set these to the checkpoint's values")
+    _warn_config_changes(saved, config.model.to_dict(), "config.model")
+    return directory
 
 
 def _warn_config_changes(saved: dict, current: dict, prefix: str = "config") -> None:

@@ -179,3 +179,25 @@ def test_bad_config_and_paths(tmp_path):
         convert.from_hf(str(tmp_path), str(tmp_path / "ck"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert.to_hf(str(tmp_path / "nope"), str(tmp_path / "out"))
+
+
+def test_training_continues_from_converted_checkpoint(hf_dir, ckpt, tmp_path):
+    """from_hf -> one training step at lr 0 (fresh optimiser) -> to_hf gives back the very
+    same transformers weights; a mismatched model config is refused before compiling."""
+    from olmo2_jax import config as config_lib
+    from olmo2_jax import train
+    from tests.test_train import small_config, token_file
+    c = small_config(token_file(tmp_path / "tokens.bin"), steps=1)
+    c.model.update(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=96,
+                   vocab_size=512, padded_vocab_size=512, rope_theta=10_000.0)
+    c.optim.update(lr=0.0, warmup_steps=0, schedule="constant")
+    c.train.init_from = ckpt
+    train.train(c, str(tmp_path / "run"))
+    out = str(tmp_path / "hf")
+    convert.to_hf(str(tmp_path / "run"), out)
+    a = transformers.Olmo2ForCausalLM.from_pretrained(hf_dir).state_dict()
+    b = transformers.Olmo2ForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c.model.mlp_hidden = 128
+    with pytest.raises(config_lib.ConfigError, match=r"model.mlp_hidden=128 \(checkpoint: 96\)"):
+        train.train(c, str(tmp_path / "run2"))
