@@ -343,8 +343,7 @@ def to_hf(ckpt: str, out: str, *, step: int | None = None, dtype: str | None = N
     if dtype not in HF_DTYPES:
         raise ConversionError(f"--dtype={dtype!r}: choose one of {sorted(HF_DTYPES)}")
     cfg = ModelConfig.from_config(config.model)
-    mesh_cfg = ml_collections.ConfigDict({"mesh": {"data": 1, "fsdp": -1, "tensor": 1}})
-    mesh = sharding.make_mesh(mesh_cfg)
+    mesh = sharding.inference_mesh()
     params = checkpoint.load_params(directory, cfg, mesh, meta["step"])
     os.makedirs(out, exist_ok=True)
 
@@ -411,12 +410,13 @@ def main(argv=None) -> None:
     from absl import flags
     from ml_collections import config_flags
 
+    argv = list(sys.argv if argv is None else argv)
     f = flags.FlagValues()
     flags.DEFINE_string("hf_dir", None, "from_hf: a transformers Olmo2ForCausalLM folder.",
                         flag_values=f)
     config_flags.DEFINE_config_file("config", None, "from_hf: a configs/*.py for everything but "
                                     "the model shape (which comes from config.json).",
-                                    flag_values=f, lock_config=False)
+                                    flag_values=f, lock_config=False, sys_argv=argv)
     flags.DEFINE_string("ckpt", None, "to_hf: an olmo2_jax checkpoint dir (or workdir).",
                         flag_values=f)
     flags.DEFINE_integer("step", None, "to_hf: checkpoint step; default the latest.",
@@ -429,7 +429,7 @@ def main(argv=None) -> None:
     for k in ("bos", "eos", "pad"):
         flags.DEFINE_integer(f"{k}_token_id", None, f"to_hf: {k} id for config.json (default "
                              "from the source HF config, if any).", flag_values=f)
-    argv = f(sys.argv if argv is None else argv)
+    argv = f(argv)
     usage = "usage: python -m olmo2_jax.convert from_hf|to_hf --help"
     try:
         if len(argv) != 2 or argv[1] not in ("from_hf", "to_hf"):

@@ -277,7 +277,7 @@ def main(argv=None) -> None:
         sampling = Sampling(f.temperature, f.top_k, f.top_p)
         sampling.validate()
         cfg = checkpoint.model_config(meta)
-        mesh = sharding.make_mesh(checkpoint.config_from_meta(meta))
+        mesh = sharding.inference_mesh()
         params = checkpoint.load_params(directory, cfg, mesh, f.step)
         gen = Generator(cfg, params, mesh)
         out = gen([ids], max_new_tokens=f.max_new_tokens, sampling=sampling, stop_tokens=stop,

@@ -201,3 +201,21 @@ def test_training_continues_from_converted_checkpoint(hf_dir, ckpt, tmp_path):
     c.model.mlp_hidden = 128
     with pytest.raises(config_lib.ConfigError, match=r"model.mlp_hidden=128 \(checkpoint: 96\)"):
         train.train(c, str(tmp_path / "run2"))
+
+
+def test_cli_from_hf_with_config_and_generate_text(hf_dir, tmp_path, capsys):
+    """--config supplies everything but the model shape; generate --prompt uses the
+    tokenizer the checkpoint carries and prints one JSON line with the text."""
+    from olmo2_jax import generate
+    out = str(tmp_path / "ck")
+    convert.main(["convert", "from_hf", f"--hf_dir={hf_dir}", f"--out={out}",
+                  "--config=configs/tiny.py", "--config.train.steps=50"])
+    meta = checkpoint.read_meta(out)
+    assert meta["config"]["train"]["steps"] == 50 and meta["config"]["model"]["d_model"] == 64
+    assert os.path.exists(os.path.join(out, "tokenizer", "tokenizer.json"))
+    capsys.readouterr()
+    generate.main(["generate", f"--ckpt={out}", "--prompt=the quick fox", "--max_new_tokens=5"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(line["tokens"]) == 5 and isinstance(line["text"], str)
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        convert.main(["convert", "from_hf", f"--hf_dir={hf_dir}", f"--out={out}"])
