@@ -14,8 +14,8 @@ every row has emitted a stop token or `max_new_tokens`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import json
 import math
 import sys
@@ -109,13 +109,13 @@ class Generator:
         self.model = Transformer(cfg)
         self.mesh = mesh or jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                                               sharding.MESH_AXES)
+        abstract = jax.eval_shape(self.model.init, jax.random.PRNGKey(0),
+                                  jnp.zeros((1, 1), jnp.int32))
+        self.param_shardings = sharding.logical_shardings(self.mesh, abstract)["params"]
+        dtype = cfg.dtype if cast_params else None
         with self._ctx():
-            abstract = jax.eval_shape(self.model.init, jax.random.PRNGKey(0),
-                                      jnp.zeros((1, 1), jnp.int32))
-            self.param_shardings = sharding.logical_shardings(self.mesh, abstract)["params"]
-            dtype = cfg.dtype if cast_params else None
-            cast = lambda p: jax.tree.map(lambda x: x.astype(dtype or x.dtype), p)  # noqa: E731
-            self.params = jax.jit(cast, out_shardings=self.param_shardings)(params)
+            self.params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype or x.dtype), p),
+                                  out_shardings=self.param_shardings)(params)
         self.cache_sharding = nn.logical_to_mesh_sharding(P(*CACHE_AXES), self.mesh,
                                                           sharding.RULES)
         self.batch_multiple = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
@@ -123,9 +123,10 @@ class Generator:
         self._decode = jax.jit(self._decode_impl, static_argnames=("sampling", "steps", "stop"),
                                donate_argnames=("cache",))
 
+    @contextlib.contextmanager
     def _ctx(self):
-        ctx = _Both(jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES))
-        return ctx
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
+            yield
 
     def _prefill_impl(self, params, tokens_BT, start_B, *, cache_len):
         cfg = self.cfg
@@ -213,21 +214,6 @@ class Generator:
         put = lambda x: jax.device_put(  # noqa: E731
             x, NamedSharding(self.mesh, P(sharding.BATCH_AXES)))
         return put(tokens), put(start), len(prompts)
-
-
-class _Both:
-    """Enters two context managers (mesh + logical axis rules) as one."""
-
-    def __init__(self, a, b):
-        self.a, self.b = a, b
-
-    def __enter__(self):
-        self.a.__enter__()
-        self.b.__enter__()
-
-    def __exit__(self, *exc):
-        self.b.__exit__(*exc)
-        self.a.__exit__(*exc)
 
 
 def _parse_ids(text: str, flag: str) -> list[int]:

@@ -165,7 +165,8 @@ def _folder(tmp_path, model, edit):
 ])
 def test_bad_tensors_are_named(tmp_path, edit, message):
     d = _folder(tmp_path, tiny_hf_model(), edit)
-    with pytest.raises(convert.ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    import re
+    with pytest.raises(convert.ConversionError, match=re.escape(message)):
         convert.from_hf(d, str(tmp_path / "ck"))
     assert not os.path.exists(tmp_path / "ck")  # nothing written before the check
 
