@@ -21,7 +21,8 @@ def tiny_hf_model(seed=0, **overrides):
     kw = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
               rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-              pad_token_id=0, bos_token_id=None, eos_token_id=None)
+              pad_token_id=0, bos_token_id=None, eos_token_id=None,
+              initializer_range=0.1)  # logits up to ~4: 1e-4 is a real bound
     kw.update(overrides)
     model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**kw)).eval()
     with torch.no_grad():  # all-ones norms would hide a swapped or missing norm
