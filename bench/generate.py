@@ -104,7 +104,7 @@ def bench_ours(a, shape, emit):
     import numpy as np
     from flax import linen as nn
 
-    from olmo2_jax.generate import Generator, Sampling
+    from olmo2_jax.generate import Generator
     from olmo2_jax.model import ModelConfig, Transformer
     cfg = ModelConfig(vocab_size=shape["vocab"], padded_vocab_size=shape["vocab"],
                       d_model=shape["d_model"], n_layers=shape["n_layers"],
@@ -113,9 +113,21 @@ def bench_ours(a, shape, emit):
                       mlp_hidden=shape["mlp_hidden"], dtype=jnp.dtype(a.dtype), remat="none")
     init = jax.jit(lambda k: nn.unbox(Transformer(cfg).init(k, jnp.zeros((1, 1), jnp.int32))))
     params = init(jax.random.PRNGKey(0))["params"]
-    gen = Generator(cfg, params)
-    del params
     rng = np.random.default_rng(0)
+    env = {"jax": jax.__version__, "jax_device": str(jax.devices()[0].device_kind)}
+    for unroll in (True, False):
+        gen = Generator(cfg, params, unroll_layers=unroll)
+        env["bytes_per_decode_step"] = _time_ours(a, shape, emit, gen, cfg, rng,
+                                                  "unrolled" if unroll else "scan")
+        del gen
+    return env
+
+
+def _time_ours(a, shape, emit, gen, cfg, rng, mode):
+    import jax
+    import jax.numpy as jnp
+
+    from olmo2_jax.generate import Sampling
     prompts = lambda: rng.integers(1, shape["vocab"], (a.batch, a.prompt_len)).tolist()  # noqa
 
     def run():
@@ -131,13 +143,13 @@ def bench_ours(a, shape, emit):
 
     total = _timed(run, a.repeats)
     pre = _timed(prefill, a.repeats)
-    emit(impl="olmo2_jax", mode="kv-cache", seconds=statistics.median(total), all_seconds=total,
+    emit(impl="olmo2_jax", mode=mode, seconds=statistics.median(total), all_seconds=total,
          prefill_seconds=statistics.median(pre))
-    bytes_per_step = (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(gen.params))
-                      + 2 * cfg.n_layers * a.batch * (a.prompt_len + a.new_tokens / 2)
-                      * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(a.dtype).itemsize)
-    return {"jax": jax.__version__, "jax_device": str(jax.devices()[0].device_kind),
-            "bytes_per_decode_step": bytes_per_step}
+    # Weights (less the embedding table, of which a step gathers B rows) + the mean KV cache.
+    return (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(gen.params))
+            - gen.params["embedding"].size * gen.params["embedding"].dtype.itemsize
+            + 2 * cfg.n_layers * a.batch * (a.prompt_len + a.new_tokens / 2)
+            * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(a.dtype).itemsize)
 
 
 def _timed(fn, repeats):

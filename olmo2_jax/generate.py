@@ -101,10 +101,15 @@ class Generator:
     """Compiled prefill + decode for one model on one mesh; reuse it across calls.
 
     `params` may be fp32 master weights: they are cast once to the compute dtype, since
-    decoding is bound by reading the weights (and the cache) every step.
+    decoding is bound by reading the weights (and the cache) every step. `unroll_layers`
+    turns the scan over layers into straight-line code inside the decode loop (one
+    flat step for the compiler to fuse and launch; the params stay stacked).
     """
 
-    def __init__(self, cfg: ModelConfig, params, mesh=None, *, cast_params: bool = True):
+    def __init__(self, cfg: ModelConfig, params, mesh=None, *, cast_params: bool = True,
+                 unroll_layers: bool = True):
+        if unroll_layers and cfg.scan_layers:
+            cfg = dataclasses.replace(cfg, scan_unroll=cfg.n_layers)
         self.cfg = cfg
         self.model = Transformer(cfg)
         self.mesh = mesh or jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),

@@ -82,6 +82,7 @@ def test_batch_and_mesh_do_not_change_tokens(tiny):
     sharded = Generator(TINY, params, mesh)
     assert sharded.batch_multiple == 8
     assert sharded(PROMPTS, max_new_tokens=10) == batched
+    assert Generator(TINY, params, unroll_layers=False)(PROMPTS, max_new_tokens=10) == batched
 
 
 def test_stop_tokens_and_max_new_tokens(tiny):
