@@ -337,6 +337,9 @@ def to_hf(ckpt: str, out: str, *, step: int | None = None, dtype: str | None = N
     names of the files written."""
     from safetensors.numpy import save_file
     directory = checkpoint.resolve_dir(ckpt)
+    if os.path.isdir(out) and any(f.endswith(".safetensors") for f in os.listdir(out)):
+        raise ConversionError(f"--out={out} already holds safetensors files (stale shards "
+                              "would mix with the new ones); pick an empty directory")
     meta = checkpoint.read_meta(directory, step)
     config = checkpoint.config_from_meta(meta)
     dtype = dtype or meta.get("hf", {}).get("dtype", "float32")

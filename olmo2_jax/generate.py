@@ -193,9 +193,10 @@ class Generator:
         with self._ctx():
             logits, cache = self._prefill(self.params, tokens, start,
                                           cache_len=tokens.shape[1] + max_new_tokens)
-            out, lp, _ = self._decode(self.params, cache, logits, start, jax.random.PRNGKey(seed),
-                                   sampling=sampling, steps=max_new_tokens,
-                                   stop=tuple(int(t) for t in stop_tokens))
+            out, lp, _ = self._decode(self.params, cache, logits, start,
+                                      jax.random.PRNGKey(seed), sampling=sampling,
+                                      steps=max_new_tokens,
+                                      stop=tuple(int(t) for t in stop_tokens))
         out, lp = (np.asarray(x)[:n] for x in jax.device_get((out, lp)))
         tokens = [[int(t) for t in row if t >= 0] for row in out]
         if not return_logprobs:

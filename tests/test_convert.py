@@ -103,6 +103,8 @@ def test_to_hf_roundtrip_is_exact(hf_dir, ckpt, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.decode(tok.encode("the lazy fox")) == "the lazy fox"
     assert json.load(open(os.path.join(out, "generation_config.json")))["pad_token_id"] == 0
+    with pytest.raises(convert.ConversionError, match="already holds safetensors"):
+        convert.to_hf(ckpt, out)
 
 
 def test_to_hf_bfloat16_and_cli(ckpt, tmp_path):
