@@ -38,10 +38,15 @@ def parse():
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--prompt_len", type=int, default=None)
     p.add_argument("--new_tokens", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement "
+                   "(median reported); at the 1B shape a transformers call takes ~30 s")
     p.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
     p.add_argument("--hf_modes", default="dynamic,static",
                    help="transformers cache modes to time (comma list; '' = skip transformers)")
+    p.add_argument("--variants", default="unrolled,scan,unr+einsum",
+                   help="olmo2_jax decode variants: unrolled (default Generator: layers "
+                   "unrolled, cache read by a reduce), scan (layers scanned), unr+einsum "
+                   "(unrolled, cache read by a batched matmul)")
     p.add_argument("--hbm_gb_s", type=float, default=4800.0,
                    help="memory bandwidth for the printed roofline (H200: 4800 GB/s)")
     p.add_argument("--out", required=True, help="JSON results path")
@@ -53,6 +58,9 @@ def parse():
     a.dtype = a.dtype or ("float32" if a.tiny else "bfloat16")
     if min(a.batch, a.prompt_len, a.new_tokens, a.repeats) < 1:
         p.error("--batch, --prompt_len, --new_tokens and --repeats must be >= 1")
+    bad = set(a.variants.split(",")) - {"unrolled", "scan", "unr+einsum"}
+    if bad or not a.variants:
+        p.error(f"--variants: unknown {sorted(bad)}; choose from unrolled,scan,unr+einsum")
     if a.dtype not in ("bfloat16", "float32"):
         p.error(f"--dtype={a.dtype}: choose bfloat16 or float32")
     return a, shape
@@ -79,14 +87,18 @@ def bench_hf(a, shape, emit):
         try:
             times = []
             with torch.no_grad():
-                for r in range(a.repeats + 1):
+                # Short warm-up, as /work/shared/bench/anchor_hf_generate.py does.
+                x = torch.randint(1, shape["vocab"], (a.batch, a.prompt_len), device=device)
+                short = max(1, min(16, a.new_tokens))
+                model.generate(x[:, :min(64, a.prompt_len)], **{
+                    **kw, "max_new_tokens": short, "min_new_tokens": short})
+                for _ in range(a.repeats):
                     x = torch.randint(1, shape["vocab"], (a.batch, a.prompt_len), device=device)
                     sync()
                     t = time.perf_counter()
                     out = model.generate(x, attention_mask=torch.ones_like(x), **kw)
                     sync()
-                    if r:  # the first call warms up (and compiles the static cache)
-                        times.append(time.perf_counter() - t)
+                    times.append(time.perf_counter() - t)
                     assert out.shape[1] - a.prompt_len == a.new_tokens, out.shape
             emit(impl="transformers", mode=mode, seconds=statistics.median(times),
                  all_seconds=times)
@@ -115,10 +127,12 @@ def bench_ours(a, shape, emit):
     params = init(jax.random.PRNGKey(0))["params"]
     rng = np.random.default_rng(0)
     env = {"jax": jax.__version__, "jax_device": str(jax.devices()[0].device_kind)}
-    for unroll in (True, False):
-        gen = Generator(cfg, params, unroll_layers=unroll)
-        env["bytes_per_decode_step"] = _time_ours(a, shape, emit, gen, cfg, rng,
-                                                  "unrolled" if unroll else "scan")
+    variants = {"unrolled": (True, "reduce"), "scan": (False, "reduce"),
+                "unr+einsum": (True, "einsum")}
+    for name in a.variants.split(","):
+        unroll, attn = variants[name]
+        gen = Generator(cfg, params, unroll_layers=unroll, decode_attention=attn)
+        env["bytes_per_decode_step"] = _time_ours(a, shape, emit, gen, cfg, rng, name)
         del gen
     return env
 
@@ -196,15 +210,15 @@ def main():
           f"torch {env.get('torch', '-')}")
     print(f"shape {'tiny' if a.tiny else '1B'} {a.dtype}, batch {a.batch}, prompt "
           f"{a.prompt_len}, {a.new_tokens} new tokens, greedy; median of {a.repeats}")
-    print(f"{'impl':<14}{'mode':<10}{'seconds':>9}{'new tok/s':>12}{'x hf dyn':>10}"
+    print(f"{'impl':<14}{'mode':<12}{'seconds':>9}{'new tok/s':>12}{'x hf dyn':>10}"
           f"{'decode-only tok/s':>19}")
     for r in rows:
         if "seconds" not in r:
-            print(f"{r['impl']:<14}{r['mode']:<10}  failed: {r['error']}")
+            print(f"{r['impl']:<14}{r['mode']:<12}  failed: {r['error']}")
             continue
         ratio = f"{r['new_tokens_per_s'] / base:.1f}" if base else "-"
         dec = r.get("decode_only_tokens_per_s")
-        print(f"{r['impl']:<14}{r['mode']:<10}{r['seconds']:>9.2f}{r['new_tokens_per_s']:>12,.0f}"
+        print(f"{r['impl']:<14}{r['mode']:<12}{r['seconds']:>9.2f}{r['new_tokens_per_s']:>12,.0f}"
               f"{ratio:>10}{f'{dec:,.0f}' if dec else '-':>19}")
     print(f"roofline (weights + mean KV cache read once per step at {a.hbm_gb_s:.0f} GB/s): "
           f"{roofline:,.0f} new tok/s   -> {a.out}")

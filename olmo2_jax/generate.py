@@ -107,9 +107,13 @@ class Generator:
     """
 
     def __init__(self, cfg: ModelConfig, params, mesh=None, *, cast_params: bool = True,
-                 unroll_layers: bool = True):
+                 unroll_layers: bool = True, decode_attention: str | None = None):
         if unroll_layers and cfg.scan_layers:
             cfg = dataclasses.replace(cfg, scan_unroll=cfg.n_layers)
+        if decode_attention is not None:
+            if decode_attention not in ("reduce", "einsum"):
+                raise ValueError(f"decode_attention={decode_attention!r}: reduce or einsum")
+            cfg = dataclasses.replace(cfg, decode_attention=decode_attention)
         self.cfg = cfg
         self.model = Transformer(cfg)
         self.mesh = mesh or jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),

@@ -57,6 +57,7 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     scan_unroll: int = 1  # layers per scan iteration; generation unrolls them all
+    decode_attention: str = "reduce"  # KV-cache read: "reduce" or "einsum" (cached_attention)
     remat: str = "dots"
     attention: str = "auto"
 
@@ -125,15 +126,17 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, impl="xla
                                         implementation=attention_impl(impl))
 
 
-def cached_attention(q_BTNH, k_new_BTKH, v_new_BTKH, kv_cache, index, start_B):
+def cached_attention(q_BTNH, k_new_BTKH, v_new_BTKH, kv_cache, index, start_B,
+                     impl: str = "reduce"):
     """Causal GQA attention of T new tokens (cache slots index..index+T-1) over the cached
     slots [start_b, index) of each row plus the new tokens themselves.
 
     `kv_cache` is None (prefill: nothing cached yet) or (k_BKSH, v_BKSH). Rows are
     left-padded: slots before `start_B` hold padding and are masked out. Softmax in fp32.
-    The cached part is written as multiply-and-reduce rather than a batched matmul: with
-    a few query tokens it is a memory-bound mat-vec, and a reduction fusion reads the
-    cache slice where it lies instead of first copying it into a GEMM operand.
+    The cached part is, by default (`impl="reduce"`), written as multiply-and-reduce rather
+    than a batched matmul (`"einsum"`): with a few query tokens it is a memory-bound
+    mat-vec, and a reduction fusion reads the cache slice where it lies instead of first
+    copying it into a GEMM operand. bench/generate.py times both.
     """
     B, T, N, H = q_BTNH.shape
     K = k_new_BTKH.shape[2]
@@ -149,16 +152,24 @@ def cached_attention(q_BTNH, k_new_BTKH, v_new_BTKH, kv_cache, index, start_B):
         k_BKSH, v_BKSH = kv_cache
         s_idx = jnp.arange(k_BKSH.shape[2])
         old_ok_BS = (s_idx[None] < index) & (s_idx[None] >= start_B[:, None])
-        q_BKGTH = q.transpose(0, 2, 3, 1, 4).astype(jnp.float32)
-        s_old = jnp.sum(q_BKGTH[:, :, :, :, None, :]
-                        * k_BKSH[:, :, None, None].astype(jnp.float32), axis=-1)
+        if impl == "einsum":
+            s_old = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH,
+                               preferred_element_type=jnp.float32)
+        else:
+            q_BKGTH = q.transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+            s_old = jnp.sum(q_BKGTH[:, :, :, :, None, :]
+                            * k_BKSH[:, :, None, None].astype(jnp.float32), axis=-1)
         scores.insert(0, jnp.where(old_ok_BS[:, None, None, None], s_old, neg))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
     out = jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., -T:].astype(v_new_BTKH.dtype), v_new_BTKH,
                      preferred_element_type=jnp.float32)
     if kv_cache is not None:
-        old = jnp.sum(probs[..., :-T, None] * v_BKSH[:, :, None, None].astype(jnp.float32),
-                      axis=-2)  # B,K,G,T,H
+        if impl == "einsum":
+            old = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :-T].astype(v_BKSH.dtype), v_BKSH,
+                             preferred_element_type=jnp.float32)
+        else:
+            old = jnp.sum(probs[..., :-T, None] * v_BKSH[:, :, None, None].astype(jnp.float32),
+                          axis=-2)  # B,K,G,T,H
         out = out + old.transpose(0, 3, 1, 2, 4)
     return out.astype(q_BTNH.dtype).reshape(B, T, N, H)
 
@@ -192,7 +203,7 @@ class Attention(nn.Module):
         if slots is None:
             out, new_kv = dot_product_attention(q, k, v, segment_ids_BT, cfg.attention), None
         else:
-            out = cached_attention(q, k, v, kv_cache, *slots)
+            out = cached_attention(q, k, v, kv_cache, *slots, impl=cfg.decode_attention)
             new_kv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # cache layout BKTH
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
         return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_kv
