@@ -223,3 +223,15 @@ def test_cli_from_hf_with_config_and_generate_text(hf_dir, tmp_path, capsys):
     assert len(line["tokens"]) == 5 and isinstance(line["text"], str)
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         convert.main(["convert", "from_hf", f"--hf_dir={hf_dir}", f"--out={out}"])
+
+
+def test_bfloat16_folder_roundtrips_in_bfloat16(tmp_path):
+    """A bf16 release is held as fp32 master weights (exact) and written back as bf16."""
+    d = str(tmp_path / "bf16")
+    tiny_hf_model(seed=5).to(torch.bfloat16).save_pretrained(d)
+    ckpt = convert.from_hf(d, str(tmp_path / "ck"))
+    assert checkpoint.read_meta(ckpt)["hf"]["dtype"] == "bfloat16"
+    convert.to_hf(ckpt, str(tmp_path / "out"))
+    a = transformers.Olmo2ForCausalLM.from_pretrained(d).state_dict()
+    b = transformers.Olmo2ForCausalLM.from_pretrained(str(tmp_path / "out")).state_dict()
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
