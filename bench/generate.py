@@ -29,6 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ONE_B = dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden=8192,
              vocab=100352)
+# olmo2_jax decode variants: (layers unrolled, cache read, cache_chunk); see Generator.
+VARIANTS = {"unrolled": (True, "reduce", None), "scan": (False, "reduce", None),
+            "unr+einsum": (True, "einsum", None), "unr+chunk128": (True, "reduce", 128)}
 TINY = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=256, vocab=1024)
 
 
@@ -43,10 +46,11 @@ def parse():
     p.add_argument("--dtype", default=None, help="bfloat16 (default) or float32")
     p.add_argument("--hf_modes", default="dynamic,static",
                    help="transformers cache modes to time (comma list; '' = skip transformers)")
-    p.add_argument("--variants", default="unrolled,scan,unr+einsum",
+    p.add_argument("--variants", default=",".join(VARIANTS),
                    help="olmo2_jax decode variants: unrolled (default Generator: layers "
-                   "unrolled, cache read by a reduce), scan (layers scanned), unr+einsum "
-                   "(unrolled, cache read by a batched matmul)")
+                   "unrolled, whole cache read by a reduce each step), scan (layers "
+                   "scanned), unr+einsum (cache read by a batched matmul), unr+chunk128 "
+                   "(segments of 128 steps reading only the filled cache slots)")
     p.add_argument("--hbm_gb_s", type=float, default=4800.0,
                    help="memory bandwidth for the printed roofline (H200: 4800 GB/s)")
     p.add_argument("--out", required=True, help="JSON results path")
@@ -58,9 +62,9 @@ def parse():
     a.dtype = a.dtype or ("float32" if a.tiny else "bfloat16")
     if min(a.batch, a.prompt_len, a.new_tokens, a.repeats) < 1:
         p.error("--batch, --prompt_len, --new_tokens and --repeats must be >= 1")
-    bad = set(a.variants.split(",")) - {"unrolled", "scan", "unr+einsum"}
+    bad = set(a.variants.split(",")) - set(VARIANTS)
     if bad or not a.variants:
-        p.error(f"--variants: unknown {sorted(bad)}; choose from unrolled,scan,unr+einsum")
+        p.error(f"--variants: unknown {sorted(bad)}; choose from {','.join(VARIANTS)}")
     if a.dtype not in ("bfloat16", "float32"):
         p.error(f"--dtype={a.dtype}: choose bfloat16 or float32")
     return a, shape
@@ -127,11 +131,10 @@ def bench_ours(a, shape, emit):
     params = init(jax.random.PRNGKey(0))["params"]
     rng = np.random.default_rng(0)
     env = {"jax": jax.__version__, "jax_device": str(jax.devices()[0].device_kind)}
-    variants = {"unrolled": (True, "reduce"), "scan": (False, "reduce"),
-                "unr+einsum": (True, "einsum")}
     for name in a.variants.split(","):
-        unroll, attn = variants[name]
-        gen = Generator(cfg, params, unroll_layers=unroll, decode_attention=attn)
+        unroll, attn, chunk = VARIANTS[name]
+        gen = Generator(cfg, params, unroll_layers=unroll, decode_attention=attn,
+                        cache_chunk=chunk)
         env["bytes_per_decode_step"] = _time_ours(a, shape, emit, gen, cfg, rng, name)
         del gen
     return env

@@ -104,10 +104,17 @@ class Generator:
     decoding is bound by reading the weights (and the cache) every step. `unroll_layers`
     turns the scan over layers into straight-line code inside the decode loop (one
     flat step for the compiler to fuse and launch; the params stay stacked).
+    `cache_chunk` = C splits the decode into compiled segments of C steps, each reading
+    only the cache slots filled by its end (less cache traffic, one compile per segment);
+    None reads the whole cache every step.
     """
 
     def __init__(self, cfg: ModelConfig, params, mesh=None, *, cast_params: bool = True,
-                 unroll_layers: bool = True, decode_attention: str | None = None):
+                 unroll_layers: bool = True, decode_attention: str | None = None,
+                 cache_chunk: int | None = None):
+        if cache_chunk is not None and cache_chunk < 1:
+            raise ValueError(f"cache_chunk={cache_chunk} must be >= 1 (or None)")
+        self.cache_chunk = cache_chunk
         if unroll_layers and cfg.scan_layers:
             cfg = dataclasses.replace(cfg, scan_unroll=cfg.n_layers)
         if decode_attention is not None:
@@ -129,8 +136,9 @@ class Generator:
                                                           sharding.RULES)
         self.batch_multiple = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
-        self._decode = jax.jit(self._decode_impl, static_argnames=("sampling", "steps", "stop"),
-                               donate_argnames=("cache",))
+        self._decode = jax.jit(
+            self._decode_impl, donate_argnames=("carry",),
+            static_argnames=("sampling", "stop", "first_slot", "end", "visible"))
 
     @contextlib.contextmanager
     def _ctx(self):
@@ -151,16 +159,17 @@ class Generator:
             for x in (k, v))
         return logits, cache
 
-    def _decode_impl(self, params, cache, logits_BV, start_B, rng, *, sampling, steps, stop):
-        """Samples `steps` tokens, the first from the prefill logits; finished rows emit -1.
-        Also returns each token's log-probability under the model (temperature 1, no cut)."""
-        B = logits_BV.shape[0]
-        T0 = cache[0].shape[3] - steps  # slot of the first generated token
+    def _decode_impl(self, params, carry, start_B, *, sampling, stop, first_slot, end,
+                     visible):
+        """Runs decode steps until step `end` (or until every row is done); the first step
+        samples from the prefill logits; finished rows emit -1. Also records each token's
+        log-probability under the model (temperature 1, no cut). Attention reads cache
+        slots [0, visible) only (None = all)."""
         stop_ids = jnp.asarray(stop or (-2,), jnp.int32)
 
         def cond(c):
             i, _, _, _, _, done, _ = c
-            return (i < steps) & ~jnp.all(done)
+            return (i < end) & ~jnp.all(done)
 
         def body(c):
             i, cache, logits, out, out_lp, done, rng = c
@@ -170,23 +179,20 @@ class Generator:
             lp = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)
             tok = jnp.where(done, -1, tok)
             out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-            out_lp = jax.lax.dynamic_update_slice(out_lp, jnp.where(done[:, None], 0.0, lp), (0, i))
+            out_lp = jax.lax.dynamic_update_slice(out_lp, jnp.where(done[:, None], 0.0, lp),
+                                                  (0, i))
             done = done | jnp.isin(tok, stop_ids)
-            index = T0 + i
-            positions = (index - start_B)[:, None]
+            index = first_slot + i
+            view = cache if visible is None else tuple(c[:, :, :, :visible] for c in cache)
             logits, (k, v) = self.model.apply(
-                {"params": params}, jnp.maximum(tok, 0)[:, None], positions, cache, index,
-                start_B, method=Transformer.decode)
+                {"params": params}, jnp.maximum(tok, 0)[:, None], (index - start_B)[:, None],
+                view, index, start_B, method=Transformer.decode)
             cache = tuple(
                 jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, 0, 0, index, 0))
                 for c, n in zip(cache, (k, v)))
             return i + 1, cache, logits, out, out_lp, done, rng
 
-        out = jnp.full((B, steps), -1, jnp.int32)
-        out_lp = jnp.zeros((B, steps), jnp.float32)
-        init = (jnp.int32(0), cache, logits_BV, out, out_lp, jnp.zeros((B,), bool), rng)
-        _, cache, _, out, out_lp, _, _ = jax.lax.while_loop(cond, body, init)
-        return out, out_lp, cache  # the cache is returned so its donated buffer is reused
+        return jax.lax.while_loop(cond, body, carry)
 
     def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (),
@@ -194,14 +200,21 @@ class Generator:
         """New tokens for each prompt (a stop token, when hit, is the last one kept); with
         `return_logprobs`, also each new token's log-probability under the model."""
         tokens, start, n = self.prepare(prompts, max_new_tokens, sampling)
+        B, P = tokens.shape
+        stop = tuple(int(t) for t in stop_tokens)
         with self._ctx():
             logits, cache = self._prefill(self.params, tokens, start,
-                                          cache_len=tokens.shape[1] + max_new_tokens)
-            out, lp, _ = self._decode(self.params, cache, logits, start,
-                                      jax.random.PRNGKey(seed), sampling=sampling,
-                                      steps=max_new_tokens,
-                                      stop=tuple(int(t) for t in stop_tokens))
-        out, lp = (np.asarray(x)[:n] for x in jax.device_get((out, lp)))
+                                          cache_len=P + max_new_tokens)
+            carry = (jnp.int32(0), cache, logits, jnp.full((B, max_new_tokens), -1, jnp.int32),
+                     jnp.zeros((B, max_new_tokens), jnp.float32), jnp.zeros((B,), bool),
+                     jax.random.PRNGKey(seed))
+            chunk = self.cache_chunk or max_new_tokens
+            for end in range(chunk, max_new_tokens + chunk, chunk):
+                end = min(end, max_new_tokens)
+                carry = self._decode(self.params, carry, start, sampling=sampling, stop=stop,
+                                     first_slot=P, end=end,
+                                     visible=P + end if end < max_new_tokens else None)
+        out, lp = (np.asarray(x)[:n] for x in jax.device_get(carry[3:5]))
         tokens = [[int(t) for t in row if t >= 0] for row in out]
         if not return_logprobs:
             return tokens
