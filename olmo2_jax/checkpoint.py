@@ -48,3 +48,122 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter
 def abstract_like(tree):
     """ShapeDtypeStructs (with shardings) to restore into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+# --- Reading checkpoints of any stage for inference and conversion (params + config only).
+
+TOKENIZER_DIR = "tokenizer"  # tokenizer files stored beside the steps of a checkpoint dir
+
+
+def resolve_dir(path: str) -> str:
+    """The CheckpointManager directory: `path` itself, or `path/checkpoints` for a workdir."""
+    if "://" not in path:
+        path = os.path.abspath(path)
+    p = epath.Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+    if (p / "checkpoints").is_dir() and not _steps(p):
+        p = p / "checkpoints"
+    if not _steps(p):
+        raise FileNotFoundError(f"{path!r} holds no checkpoint steps (expected numbered step "
+                                "directories written by olmo2_jax, or a workdir with checkpoints/)")
+    return str(p)
+
+
+def _steps(p: epath.Path) -> list[int]:
+    return sorted(int(c.name) for c in p.iterdir() if c.is_dir() and c.name.isdigit())
+
+
+def _reader(directory: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+    manager = ocp.CheckpointManager(
+        epath.Path(directory), item_names=("state", "meta"),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+    steps = manager.all_steps()
+    if step is None:
+        step = manager.latest_step()
+    if step not in steps:
+        raise FileNotFoundError(f"step {step} is not in checkpoint {directory} (steps: {steps})")
+    return manager, step
+
+
+def read_meta(directory: str, step: int | None = None) -> dict:
+    """The JSON meta of a step (holds "config", the whole config as a dict)."""
+    manager, step = _reader(directory, step)
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if "config" not in meta or "model" not in meta["config"]:
+        raise ValueError(f"checkpoint {directory} step {step}: meta has no model config")
+    return dict(meta, step=step)
+
+
+def config_from_meta(meta: dict):
+    """The saved config as a ConfigDict, over today's defaults (keys added since are filled)."""
+    import ml_collections
+
+    from olmo2_jax import config as config_lib
+    c = config_lib.base_config()
+    for section, values in meta["config"].items():
+        if isinstance(values, dict) and isinstance(c.get(section), ml_collections.ConfigDict):
+            for k, v in values.items():
+                if k in c[section]:
+                    c[section][k] = v
+        elif section in c:
+            c[section] = values
+    return c
+
+
+def model_config(meta: dict):
+    from olmo2_jax.model import ModelConfig
+    return ModelConfig.from_config(config_from_meta(meta).model)
+
+
+def load_params(directory: str, cfg, mesh, step: int | None = None):
+    """Only the params of a checkpoint (any stage: the optimiser state is not read), restored
+    straight into the model's shardings on `mesh`."""
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from olmo2_jax import sharding
+    from olmo2_jax.model import Transformer
+    abstract = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, 1), jnp.int32))
+    shardings = sharding.logical_shardings(mesh, abstract)["params"]
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+    # Unwrap the boxes by hand: nn.unbox would apply sharding constraints under a mesh.
+    plain = jax.tree.map(lambda x: x.value if is_box(x) else x, abstract, is_leaf=is_box)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          plain["params"], shardings)
+    manager, step = _reader(directory, step)
+    item = {"params": target}
+    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {directory} step {step}: its params do not match the model "
+                         f"config saved with it ({e})") from e
+    return restored["params"]
+
+
+class HFTokenizerFile:
+    """A tokenizer.json (Hugging Face `tokenizers`) kept with a checkpoint: encode/decode."""
+
+    def __init__(self, path: str, eos_id: int | None = None):
+        from tokenizers import Tokenizer
+        self.path = path
+        self._tok = Tokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size()
+        self.eos_id = eos_id
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(directory: str, meta: dict):
+    """The tokenizer stored with the checkpoint (by `convert from_hf`), or None."""
+    path = epath.Path(directory) / TOKENIZER_DIR / "tokenizer.json"
+    if not path.exists():
+        return None
+    return HFTokenizerFile(str(path), meta.get("hf", {}).get("eos_token_id"))

@@ -76,6 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     t.seed = 0
     t.log_every = 10
     t.peak_flops_per_device = 0.0  # 0 = from the device kind (None on CPU)
+    # A checkpoint (e.g. from `convert from_hf`) whose params start a new run; the optimiser
+    # state starts fresh. Ignored when the workdir already holds checkpoints (resume).
+    t.init_from = ""
 
     c.optim = o = ml_collections.ConfigDict()
     o.schedule = "cosine"  # one of SCHEDULES

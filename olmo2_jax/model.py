@@ -11,6 +11,11 @@ Parameters stay in `param_dtype` (fp32 master weights); matmuls run in `dtype`.
 
 Logical axes: batch, seq, embed, vocab, heads, kv_heads, head_dim, mlp, layers.
 Their mapping onto mesh axes lives only in `sharding.py`.
+
+Decoding (`Transformer.decode`) reuses the same modules: each layer reads its slice of a
+KV cache holding the earlier tokens and returns the keys/values of the new tokens; the
+caller (generate.py) writes those into the cache once per step, so the layer loop never
+copies the cache.
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class ModelConfig:
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
+    scan_unroll: int = 1  # layers per scan iteration; generation unrolls them all
+    decode_attention: str = "reduce"  # KV-cache read: "reduce" or "einsum" (cached_attention)
     remat: str = "dots"
     attention: str = "auto"
 
@@ -180,11 +187,62 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, impl="xla
                                         implementation=impl)
 
 
+def cached_attention(q_BTNH, k_new_BTKH, v_new_BTKH, kv_cache, index, start_B,
+                     impl: str = "reduce"):
+    """Causal GQA attention of T new tokens (cache slots index..index+T-1) over the cached
+    slots [start_b, index) of each row plus the new tokens themselves.
+
+    `kv_cache` is None (prefill: nothing cached yet) or (k_BKSH, v_BKSH). Rows are
+    left-padded: slots before `start_B` hold padding and are masked out. Softmax in fp32.
+    The cached part is, by default (`impl="reduce"`), written as multiply-and-reduce rather
+    than a batched matmul (`"einsum"`): with a few query tokens it is a memory-bound
+    mat-vec, and a reduction fusion reads the cache slice where it lies instead of first
+    copying it into a GEMM operand. bench/generate.py times both.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_new_BTKH.shape[2]
+    G = N // K
+    q = q_BTNH.reshape(B, T, K, G, H) * jnp.asarray(H ** -0.5, q_BTNH.dtype)
+    neg = jnp.finfo(jnp.float32).min  # finite, so an all-masked padding row gives no NaN
+    t = jnp.arange(T)
+    new_ok_BTT = (t[None, :, None] >= t[None, None, :]) & (
+        index + t[None, None, :] >= start_B[:, None, None])
+    s_new = jnp.einsum("BTKGH,BUKH->BKGTU", q, k_new_BTKH, preferred_element_type=jnp.float32)
+    scores = [jnp.where(new_ok_BTT[:, None, None], s_new, neg)]
+    if kv_cache is not None:
+        k_BKSH, v_BKSH = kv_cache
+        s_idx = jnp.arange(k_BKSH.shape[2])
+        old_ok_BS = (s_idx[None] < index) & (s_idx[None] >= start_B[:, None])
+        if impl == "einsum":
+            s_old = jnp.einsum("BTKGH,BKSH->BKGTS", q, k_BKSH,
+                               preferred_element_type=jnp.float32)
+        else:
+            q_BKGTH = q.transpose(0, 2, 3, 1, 4).astype(jnp.float32)
+            s_old = jnp.sum(q_BKGTH[:, :, :, :, None, :]
+                            * k_BKSH[:, :, None, None].astype(jnp.float32), axis=-1)
+        scores.insert(0, jnp.where(old_ok_BS[:, None, None, None], s_old, neg))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    out = jnp.einsum("BKGTU,BUKH->BTKGH", probs[..., -T:].astype(v_new_BTKH.dtype), v_new_BTKH,
+                     preferred_element_type=jnp.float32)
+    if kv_cache is not None:
+        if impl == "einsum":
+            old = jnp.einsum("BKGTS,BKSH->BKGTH", probs[..., :-T].astype(v_BKSH.dtype), v_BKSH,
+                             preferred_element_type=jnp.float32)
+        else:
+            old = jnp.sum(probs[..., :-T, None] * v_BKSH[:, :, None, None].astype(jnp.float32),
+                          axis=-2)  # B,K,G,T,H
+        out = out + old.transpose(0, 3, 1, 2, 4)
+    return out.astype(q_BTNH.dtype).reshape(B, T, N, H)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None) -> Array:
+    def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None,
+                 kv_cache=None, slots=None):
+        """Training / full forward when `slots` is None; else decoding with a KV cache
+        (`slots` = (index, start_B), see `cached_attention`). Returns (out, new k/v or None)."""
         cfg, dt = self.cfg, self.cfg.dtype
         N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
         wq = _param(self, "q_proj", (D, N, H), ("embed", "heads", "head_dim"), _init(cfg))
@@ -203,9 +261,13 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v.astype(dt), ("batch", "seq", "kv_heads", "head_dim"))
-        out = dot_product_attention(q, k, v, segment_ids_BT, cfg.attention)
+        if slots is None:
+            out, new_kv = dot_product_attention(q, k, v, segment_ids_BT, cfg.attention), None
+        else:
+            out = cached_attention(q, k, v, kv_cache, *slots, impl=cfg.decode_attention)
+            new_kv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # cache layout BKTH
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_kv
 
 
 class MLP(nn.Module):
@@ -232,13 +294,14 @@ class Block(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, positions_BT, segment_ids_BT):
-        attn = Attention(self.cfg, name="attn")(x_BTD, positions_BT, segment_ids_BT)
+    def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache=None, slots=None):
+        attn, new_kv = Attention(self.cfg, name="attn")(x_BTD, positions_BT, segment_ids_BT,
+                                                        kv_cache, slots)
         h = x_BTD + RMSNorm(self.cfg, name="post_attention_norm")(attn)
         mlp = MLP(self.cfg, name="mlp")(h)
         out = h + RMSNorm(self.cfg, name="post_mlp_norm")(mlp)
         out = nn.with_logical_constraint(out, ("batch", "seq", "embed"))
-        return out, None  # (carry, per-layer output) as nn.scan expects
+        return out, new_kv  # (carry, per-layer output) as nn.scan expects
 
 
 class Transformer(nn.Module):
@@ -257,7 +320,8 @@ class Transformer(nn.Module):
         if cfg.scan_layers:
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast), length=cfg.n_layers,
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
+                unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         else:
             self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
@@ -267,20 +331,42 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> Array:
         """Final-norm hidden states (B, T, D): what the LM head (or a chunked loss) consumes."""
-        cfg = self.cfg
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+        x, _ = self._layers(self._embed(tokens_BT), positions_BT, segment_ids_BT, None, None)
+        return self.final_norm(x)
+
+    def _embed(self, tokens_BT):
         # Gather from the table with its embed dim whole (FSDP all-gathers it, as for every
         # weight); a gather from an fsdp-sharded embed dim would be fully rematerialised.
-        table = nn.with_logical_constraint(self.embedding.astype(cfg.dtype), ("vocab", None))
+        table = nn.with_logical_constraint(self.embedding.astype(self.cfg.dtype), ("vocab", None))
         x = jnp.take(table, tokens_BT, axis=0)
-        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
-        if cfg.scan_layers:
-            x, _ = self.layers(x, positions_BT, segment_ids_BT)
-        else:
-            for layer in self.layers:
-                x, _ = layer(x, positions_BT, segment_ids_BT)
-        return self.final_norm(x)
+        return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+
+    def _layers(self, x, positions_BT, segment_ids_BT, kv_cache, slots):
+        """All blocks; with a cache, also the new tokens' (k, v) stacked over layers."""
+        if self.cfg.scan_layers:
+            return self.layers(x, positions_BT, segment_ids_BT, kv_cache, slots)
+        new = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if kv_cache is None else jax.tree.map(lambda c: c[i], kv_cache)
+            x, kv = layer(x, positions_BT, segment_ids_BT, layer_cache, slots)
+            new.append(kv)
+        stacked = None if slots is None else jax.tree.map(lambda *a: jnp.stack(a), *new)
+        return x, stacked
+
+    def decode(self, tokens_BT, positions_BT, kv_cache, index, start_B):
+        """Logits of the last new token (B, V) and the new tokens' (k, v), each
+        (layers, B, kv_heads, T, head_dim), for the caller to write at cache slot `index`.
+
+        The T new tokens sit at slots index..index+T-1 of left-padded rows whose real
+        tokens start at slot `start_B`; `kv_cache` = (k, v) of shape (layers, B, K, S, H)
+        (slots contiguous per head, as the decode reads them) holding slots < index, or
+        None for a prefill into an empty cache.
+        """
+        x, new_kv = self._layers(self._embed(tokens_BT), positions_BT, None, kv_cache,
+                                 (index, start_B))
+        return self.logits(self.final_norm(x[:, -1:]))[:, 0], new_kv
 
     def logits(self, hidden_BTD: Array) -> Array:
         logits = jnp.einsum("BTD,DV->BTV", hidden_BTD.astype(self.cfg.dtype),

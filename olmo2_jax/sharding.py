@@ -46,6 +46,13 @@ def make_mesh(config, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
+def inference_mesh(devices=None) -> Mesh:
+    """All (given) devices on the fsdp axis: for reading checkpoints written on any mesh."""
+    import ml_collections
+    return make_mesh(ml_collections.ConfigDict({"mesh": {"data": 1, "fsdp": -1, "tensor": 1}}),
+                     devices)
+
+
 def logical_shardings(mesh: Mesh, tree):
     """NamedShardings for a tree of (boxed or abstract) values with logical names."""
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(tree), mesh, RULES)

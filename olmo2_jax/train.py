@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import os
@@ -35,7 +36,10 @@ class TrainState:
 def init_state(model: Transformer, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state with boxed (logically annotated) leaves; unbox after sharding."""
     params_rng, state_rng = jax.random.split(rng)
-    params = model.init(params_rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    # Attention has no parameters: initialise through XLA attention so a kernel's shape
+    # constraints (e.g. Pallas under shard_map) never meet the 1x1 init batch.
+    init_model = model.clone(cfg=dataclasses.replace(model.cfg, attention="xla"))
+    params = init_model.init(params_rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=state_rng)
 
@@ -206,6 +210,7 @@ def train(config, workdir: str) -> dict:
     peak = t.peak_flops_per_device or metrics_lib.peak_flops_per_device()
     tokens_per_step = t.global_batch_size * config.data.seq_len
 
+    init_from = _check_init_from(config) if t.init_from else None
     data_iter = make_data_iterator(config, paths)
     manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
                                       keep=config.checkpoint.keep,
@@ -216,6 +221,9 @@ def train(config, workdir: str) -> dict:
         start = manager.latest_step()
         if start is None:
             state, _ = create_state(model, tx, mesh, rng)
+            if init_from:
+                state = state.replace(params=checkpoint.load_params(
+                    init_from, model.cfg, mesh))
             start = 0
         else:
             state, meta = checkpoint.restore(manager, start, abstract, data_iter)
@@ -269,6 +277,29 @@ def _to_global(local: dict, batch_sharding) -> dict:
     first: Grain workers hand out shared memory that is recycled after the next read."""
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.array(v, copy=True))
             for k, v in local.items()}
+
+
+def _check_init_from(config) -> str:
+    """The checkpoint dir of config.train.init_from, after checking its model shape matches
+    (before anything compiles)."""
+    try:
+        directory = checkpoint.resolve_dir(config.train.init_from)
+        saved = checkpoint.read_meta(directory)["config"]["model"]
+    except (FileNotFoundError, ValueError) as e:
+        raise config_lib.ConfigError(f"config.train.init_from: {e}") from e
+    keys = ("vocab_size", "padded_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+            "mlp_hidden", "scan_layers")
+    diff = [f"model.{k}={config.model[k]!r} (checkpoint: {saved.get(k)!r})" for k in keys
+            if saved.get(k) != config.model[k]]
+    saved_hd = saved.get("head_dim") or saved["d_model"] // saved["n_heads"]
+    if saved_hd != config_lib.head_dim(config.model):
+        diff.append(f"model.head_dim={config_lib.head_dim(config.model)} (checkpoint: {saved_hd})")
+    if diff:
+        raise config_lib.ConfigError(
+            f"config.train.init_from={config.train.init_from}: the model differs from the "
+            f"checkpoint's: {', '.join(diff)}; set these to the checkpoint's values")
+    _warn_config_changes(saved, config.model.to_dict(), "config.model")
+    return directory
 
 
 def _warn_config_changes(saved: dict, current: dict, prefix: str = "config") -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from olmo2_jax.convert import to_hf_state_dict
 from olmo2_jax.model import ModelConfig, Transformer, apply_rope
 
 TINY = ModelConfig(vocab_size=500, padded_vocab_size=512, d_model=64, n_layers=2, n_heads=4,
@@ -17,30 +18,6 @@ def init(cfg, seed=0, T=8):
     model = Transformer(cfg)
     params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, T), jnp.int32)))["params"]
     return model, params
-
-
-def to_hf_state_dict(params, cfg):
-    """Our scanned params -> transformers Olmo2 state dict (numpy, torch layout)."""
-    p = jax.tree.map(np.asarray, params)
-    L, D = cfg.n_layers, cfg.d_model
-    sd = {"model.embed_tokens.weight": p["embedding"], "lm_head.weight": p["lm_head"].T,
-          "model.norm.weight": p["final_norm"]["scale"]}
-    lay = p["layers"]
-    for i in range(L):
-        a, m = lay["attn"], lay["mlp"]
-        pre = f"model.layers.{i}."
-        sd[pre + "self_attn.q_proj.weight"] = a["q_proj"][i].reshape(D, -1).T
-        sd[pre + "self_attn.k_proj.weight"] = a["k_proj"][i].reshape(D, -1).T
-        sd[pre + "self_attn.v_proj.weight"] = a["v_proj"][i].reshape(D, -1).T
-        sd[pre + "self_attn.o_proj.weight"] = a["o_proj"][i].reshape(-1, D).T
-        sd[pre + "self_attn.q_norm.weight"] = a["q_norm"]["scale"][i].reshape(-1)
-        sd[pre + "self_attn.k_norm.weight"] = a["k_norm"]["scale"][i].reshape(-1)
-        sd[pre + "mlp.gate_proj.weight"] = m["gate_proj"][i].T
-        sd[pre + "mlp.up_proj.weight"] = m["up_proj"][i].T
-        sd[pre + "mlp.down_proj.weight"] = m["down_proj"][i].T
-        sd[pre + "post_attention_layernorm.weight"] = lay["post_attention_norm"]["scale"][i]
-        sd[pre + "post_feedforward_layernorm.weight"] = lay["post_mlp_norm"]["scale"][i]
-    return sd
 
 
 def test_logits_match_transformers_olmo2():
@@ -60,7 +37,7 @@ def test_logits_match_transformers_olmo2():
         attention_bias=False, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
         bos_token_id=1)
     hf = transformers.Olmo2ForCausalLM(hf_cfg).eval()
-    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(params, cfg).items()}
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_hf_state_dict(params, cfg)}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 24))

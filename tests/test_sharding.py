@@ -72,3 +72,17 @@ def test_gradient_accumulation_equals_one_big_batch():
     assert m_full["loss_tokens"] == m_acc["loss_tokens"]
     np.testing.assert_allclose(np.asarray(new_acc.params["lm_head"]),
                                np.asarray(new_full.params["lm_head"]), atol=1e-3 * c.optim.lr)
+
+
+def test_state_creation_never_runs_an_attention_kernel():
+    """Init traces the model on a 1x1 batch: with Pallas attention under a mesh whose batch
+    axes span 4 devices that batch cannot be split, so init must not go through the kernel."""
+    c = small_config(data=2, fsdp=2, tensor=2)
+    mesh = sharding.make_mesh(c, jax.devices()[:8])
+    cfg = ModelConfig(vocab_size=256, padded_vocab_size=256, d_model=128, n_layers=1,
+                      n_heads=2, n_kv_heads=2, head_dim=64, mlp_hidden=128,
+                      dtype=jnp.float32, attention="pallas")
+    tx, _ = optim.make_optimizer(c.optim, 10)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        state, _ = train.create_state(Transformer(cfg), tx, mesh, jax.random.PRNGKey(0))
+    assert state.params["layers"]["attn"]["q_proj"].shape == (1, 128, 2, 64)
