@@ -22,6 +22,13 @@ def make_manager(directory: str, *, keep: int, async_save: bool) -> ocp.Checkpoi
     """A manager over `directory` (local path or gs://) keeping the last `keep` steps."""
     if "://" not in directory:
         directory = os.path.abspath(directory)
+        try:  # checked now, not at the first save after a long compile
+            os.makedirs(directory, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError(f"no write permission on {directory}")
+        except OSError as e:
+            raise CheckpointError(f"checkpoint directory {directory!r} is not usable "
+                                  f"({type(e).__name__}: {e}); pass a writable --workdir") from e
     elif not directory.startswith("gs://"):
         raise CheckpointError(f"checkpoint directory {directory!r}: only local paths and gs:// "
                               "are supported")
@@ -84,7 +91,10 @@ def _mismatches(state_dir, abstract_state) -> list[str]:
     try:
         tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
     except Exception as e:  # noqa: BLE001
-        return [f"no readable state metadata under {state_dir} ({type(e).__name__}: {e})"]
+        raise CheckpointError(
+            f"checkpoint {state_dir.parent} has no readable state metadata ({type(e).__name__}: "
+            f"{e}); it is corrupted or incomplete: delete that step directory to resume from "
+            "the one before") from e
     saved = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
     wanted = {_path_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     out = [f"missing tensor {k}" for k in sorted(set(wanted) - set(saved))]
@@ -112,11 +122,13 @@ def _explain(path, problems, saved: dict, current: dict | None) -> str:
             diffs += [f"config.{section}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
                       and (section == "model" or k.startswith("skip_"))]
-    shown = problems[:8] + ([f"... {len(problems) - 8} more"] if len(problems) > 8 else [])
-    msg = f"checkpoint {path} does not match this run's state: " + "; ".join(shown)
+    problems = sorted(problems, key=lambda p: "params." not in p.split(":")[0])
+    shown = problems[:6] + ([f"... {len(problems) - 6} more"] if len(problems) > 6 else [])
+    msg = f"checkpoint {path} does not fit this run"
     if diffs:
-        msg += ". Config differences: " + "; ".join(diffs)
-    return msg + (". Use a config matching the checkpoint, or a new --workdir to start afresh")
+        msg += ": config differences: " + "; ".join(diffs) + ". Tensors"
+    msg += ": " + "; ".join(shown)
+    return msg + ". Use a config matching the checkpoint, or a new --workdir to start afresh"
 
 
 def abstract_like(tree):

@@ -3,9 +3,9 @@
 A step is *skipped* when its loss or gradient norm is not finite or, with the rule on,
 when either is more than `sigma` standard deviations above its mean over the last
 `window` accepted steps (the rule of the OLMo 2 32B run, OLMo-core's SkipStepOptimizer).
-A skipped step leaves params and optimiser state (and its count) untouched; the state's
-step counter still advances, because it counts batches consumed and drives the LR
-schedule and the data position. The window lives in the TrainState, so it is saved
+A skipped step leaves params and the optimiser moments untouched; the step counters (the
+state's and optax's) still advance, so the LR schedule and the data position move on as
+if the step had been taken (as in OLMo-core, where the trainer's step drives the schedule). The window lives in the TrainState, so it is saved
 with the checkpoint and a resume decides exactly as the uninterrupted run would.
 """
 
@@ -43,8 +43,12 @@ def check(guard: dict | None, loss: jax.Array, grad_norm: jax.Array, sigma: floa
 
 
 def select(ok: jax.Array, new, old):
-    """`new` where ok else `old`, leaf by leaf (the update is applied or dropped whole)."""
-    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    """Float leaves (params, moments) from `new` where ok else `old`; integer leaves
+    (optax step counts, which drive the LR schedule) always from `new`, so a skipped step
+    moves the schedule on like the state's step counter."""
+    def pick(a, b):
+        return jnp.where(ok, a, b) if jnp.issubdtype(a.dtype, jnp.inexact) else a
+    return jax.tree.map(pick, new, old)
 
 
 @jax.jit
