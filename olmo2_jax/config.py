@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every_steps = 1000
     k.every_seconds = 0.0  # also save when this long has passed since the last save; 0 = off
+    k.directory = ""  # "" = <workdir>/checkpoints; or gs://bucket/path (metrics stay in workdir)
     k.keep = 3
     k.async_save = True
 

@@ -221,8 +221,13 @@ def train(config, workdir: str) -> dict:
     peak = t.peak_flops_per_device or metrics_lib.peak_flops_per_device()
     tokens_per_step = t.global_batch_size * config.data.seq_len
 
+    if "://" in workdir:
+        raise config_lib.ConfigError(
+            f"--workdir={workdir}: metrics and TensorBoard need a local workdir; put the "
+            f"checkpoints on GCS with --config.checkpoint.directory={workdir.rstrip('/')}/checkpoints")
     data_iter = make_data_iterator(config, paths)
-    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
+    manager = checkpoint.make_manager(config.checkpoint.directory
+                                      or os.path.join(workdir, "checkpoints"),
                                       keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
     rng = jax.random.PRNGKey(t.seed)
