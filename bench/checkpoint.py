@@ -3,8 +3,8 @@
     python bench/checkpoint.py --config=configs/1b.py --dir=/tmp/ckbench --out=/tmp/ck.json
     python bench/checkpoint.py --tiny --dir=/tmp/ckbench --out=/tmp/ck.json      # CPU smoke
 
-Builds the config's full TrainState (params + AdamW moments, fp32: ~16 bytes/param for
-1B-shape) sharded over all local devices with the config's mesh, then per repeat:
+Builds the config's full TrainState (params + AdamW moments, fp32: 12 bytes/param, ~16.6 GiB for
+the 1B shape) sharded over all local devices with the config's mesh, then per repeat:
 `blocking_s` = time until the async `save()` returns (device->host copy; the loop is
 stalled only this long), `commit_s` = time until the write is committed, `restore_s` =
 a fresh manager restoring into the same shardings (until arrays are ready). --dir may be

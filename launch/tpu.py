@@ -36,7 +36,8 @@ def commands(args) -> list[tuple[str, list[str]]]:
                  tpu + ["scp", ARCHIVE, f"{args.name}:~/olmo2_jax.tar.gz", *where,
                         "--worker=all"]],
         "install": [ssh + ["mkdir -p ~/olmo2_jax && tar xzf ~/olmo2_jax.tar.gz -C ~/olmo2_jax "
-                           "&& cd ~/olmo2_jax && pip install -U 'jax[tpu]' && pip install -e '.[gcs]'"]],
+                           "&& cd ~/olmo2_jax && pip install -U 'jax[tpu]' "
+                           "&& pip install -e '.[gcs]'"]],
         "train": [ssh + [f"cd ~/olmo2_jax && {train}"]],
         "delete": [tpu + ["delete", args.name, *where, "--quiet"]],
     }

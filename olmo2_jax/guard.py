@@ -5,8 +5,9 @@ when either is more than `sigma` standard deviations above its mean over the las
 `window` accepted steps (the rule of the OLMo 2 32B run, OLMo-core's SkipStepOptimizer).
 A skipped step leaves params and the optimiser moments untouched; the step counters (the
 state's and optax's) still advance, so the LR schedule and the data position move on as
-if the step had been taken (as in OLMo-core, where the trainer's step drives the schedule). The window lives in the TrainState, so it is saved
-with the checkpoint and a resume decides exactly as the uninterrupted run would.
+if the step had been taken (as in OLMo-core, where the trainer's step drives the schedule).
+The window lives in the TrainState, so it is saved with the checkpoint and a resume
+decides exactly as the uninterrupted run would.
 """
 
 from __future__ import annotations

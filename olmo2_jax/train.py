@@ -224,7 +224,8 @@ def train(config, workdir: str) -> dict:
     if "://" in workdir:
         raise config_lib.ConfigError(
             f"--workdir={workdir}: metrics and TensorBoard need a local workdir; put the "
-            f"checkpoints on GCS with --config.checkpoint.directory={workdir.rstrip('/')}/checkpoints")
+            "checkpoints on GCS with "
+            f"--config.checkpoint.directory={workdir.rstrip('/')}/checkpoints")
     data_iter = make_data_iterator(config, paths)
     manager = checkpoint.make_manager(config.checkpoint.directory
                                       or os.path.join(workdir, "checkpoints"),
