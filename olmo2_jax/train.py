@@ -239,8 +239,12 @@ def train(config, workdir: str) -> dict:
             state, _ = create_state(model, tx, mesh, rng, skip_window)
             start = 0
         else:
-            state, meta = checkpoint.restore(manager, start, abstract, data_iter,
-                                             config=config.to_dict())
+            try:
+                state, meta = checkpoint.restore(manager, start, abstract, data_iter,
+                                                 config=config.to_dict())
+            except checkpoint.CheckpointError:
+                manager.close()  # no orbax threads left behind
+                raise
             _warn_config_changes(meta.get("config", {}), config.to_dict())
         batch_sharding = sharding.batch_sharding(mesh)
         if jax.process_index() == 0:

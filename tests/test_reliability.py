@@ -249,3 +249,44 @@ def test_guard_config_is_validated():
     c.checkpoint.every_seconds = -5.0
     with pytest.raises(config_lib.ConfigError, match="every_seconds"):
         config_lib.validate(c)
+
+
+def test_kill_9_during_async_save_resumes_from_previous_checkpoint(tmp_path):
+    """SIGKILL while an async save is being written (its tmp directory exists): the resume
+    starts from the last committed step and continues exactly like an uninterrupted run.
+    The model has a large embedding so each save takes long enough to be caught."""
+    data = token_file(tmp_path / "tokens.npy", vocab=256)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=REPO)
+    big = ["--config.model.vocab_size=256", "--config.model.padded_vocab_size=65536",
+           "--config.model.d_model=128", "--config.model.n_heads=4", "--config.model.n_kv_heads=2",
+           "--config.model.mlp_hidden=128", "--config.train.loss_chunks=4",
+           "--config.checkpoint.every_steps=3"]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(run, data, 400) + big, cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run / "checkpoints"
+    deadline, caught = time.time() + 240, None
+    while time.time() < deadline and proc.poll() is None:
+        names = os.listdir(ckpts) if ckpts.exists() else []
+        tmp = [n for n in names if "orbax-checkpoint-tmp" in n]
+        if tmp and any(n.isdigit() for n in names):
+            caught = tmp[0]
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert caught, "no save was in flight to interrupt"
+    interrupted = int(caught.split(".")[0])
+    committed = steps_saved(run)
+    assert committed and committed[-1] < interrupted <= 400, (committed, caught)
+    stop = committed[-1] + 3
+    subprocess.run(_cli(run, data, stop) + big, cwd=REPO, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(straight, data, stop) + big, cwd=REPO, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, _ = losses(straight)
+    b, rows = losses(run)
+    assert [r["step"] for r in rows] == list(range(stop))
+    assert all(a[s] == b[s] for s in range(stop))
+    assert not [n for n in os.listdir(ckpts) if "tmp" in n]
