@@ -79,6 +79,11 @@ def base_config() -> ml_collections.ConfigDict:
     # A checkpoint (e.g. from `convert from_hf`) whose params start a new run; the optimiser
     # state starts fresh. Ignored when the workdir already holds checkpoints (resume).
     t.init_from = ""
+    # Step guard (guard.py): non-finite steps are always skipped; the spike rule is optional.
+    t.skip_sigma = 0.0  # skip a step whose loss or grad norm is > this many sigma above the
+    t.skip_window = 128  # ... rolling window of accepted steps (OLMo 2 32B: 6 sigma); 0 = off
+    t.rollback_after = 0  # this many skipped steps in a row -> reload the last checkpoint; 0 = off
+    t.rollback_skip_batches = 0  # ... and skip this many batches past the bad ones
 
     c.optim = o = ml_collections.ConfigDict()
     o.schedule = "cosine"  # one of SCHEDULES
@@ -95,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every_steps = 1000
+    k.every_seconds = 0.0  # also save when this long has passed since the last save; 0 = off
+    k.directory = ""  # "" = <workdir>/checkpoints; or gs://bucket/path (metrics stay in workdir)
     k.keep = 3
     k.async_save = True
 
@@ -213,6 +220,12 @@ def validate(c, num_devices: int | None = None) -> None:
 
     need(c.checkpoint.every_steps > 0, "config.checkpoint.every_steps must be positive")
     need(c.checkpoint.keep > 0, "config.checkpoint.keep must be positive")
+    need(c.checkpoint.every_seconds >= 0, "config.checkpoint.every_seconds must be >= 0 (0 = off)")
+    need(t.skip_sigma >= 0, f"config.train.skip_sigma={t.skip_sigma} must be >= 0 (0 = off)")
+    need(t.skip_sigma == 0 or t.skip_window >= 4,
+         f"config.train.skip_window={t.skip_window} must be >= 4 when skip_sigma is set")
+    need(t.rollback_after >= 0 and t.rollback_skip_batches >= 0,
+         "config.train.rollback_after and rollback_skip_batches must be >= 0")
 
     if num_devices is not None:
         shape = mesh_shape(c, num_devices)

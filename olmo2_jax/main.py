@@ -67,7 +67,8 @@ def main(argv):
                 print(f"{k}={v}")
             return
         if not _WORKDIR.value:
-            raise app.UsageError("--workdir is required (a local path or gs://bucket/path)")
+            raise app.UsageError("--workdir is required (a local path; checkpoints can go to "
+                                 "gs:// with --config.checkpoint.directory)")
         if _DISTRIBUTED.value == "on" or (
                 _DISTRIBUTED.value == "auto"
                 and (any(v in os.environ for v in _CLUSTER_ENV) or _multi_host_tpu())):

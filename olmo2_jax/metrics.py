@@ -69,6 +69,16 @@ class MetricsWriter:
                 self._tb.add_scalar(f"train/{k}", v, step)
         self._bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
 
+    def rewind(self, step: int) -> None:
+        """Drops the lines of steps >= `step` (after a rollback to that checkpoint)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        self._truncate_after(step)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._bar.n = step
+        self._bar.refresh()
+
     def advance(self, n: int = 1) -> None:
         if self.enabled:
             self._bar.update(n)

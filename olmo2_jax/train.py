@@ -6,6 +6,8 @@ import dataclasses
 import functools
 import glob
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -19,6 +21,7 @@ from flax import struct
 
 from olmo2_jax import checkpoint
 from olmo2_jax import config as config_lib
+from olmo2_jax import guard as guard_lib
 from olmo2_jax import metrics as metrics_lib
 from olmo2_jax import optim, sharding
 from olmo2_jax.loss import fused_lm_head_loss, loss_sums
@@ -27,13 +30,15 @@ from olmo2_jax.model import ModelConfig, Transformer
 
 @struct.dataclass
 class TrainState:
-    step: jax.Array  # optimiser updates applied so far
+    step: jax.Array  # train steps run so far (skipped ones included): drives the schedule
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32 key, for stages that sample (kept so resumes are exact)
+    guard: Any = None  # skip-step window (guard.py), None when the rule is off
 
 
-def init_state(model: Transformer, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def init_state(model: Transformer, tx: optax.GradientTransformation, rng: jax.Array,
+               skip_window: int = 0) -> TrainState:
     """A fresh state with boxed (logically annotated) leaves; unbox after sharding."""
     params_rng, state_rng = jax.random.split(rng)
     # Attention has no parameters: initialise through XLA attention so a kernel's shape
@@ -41,12 +46,13 @@ def init_state(model: Transformer, tx: optax.GradientTransformation, rng: jax.Ar
     init_model = model.clone(cfg=dataclasses.replace(model.cfg, attention="xla"))
     params = init_model.init(params_rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=state_rng)
+                      rng=state_rng, guard=guard_lib.init(skip_window))
 
 
-def state_shardings(model, tx, mesh, rng):
+def state_shardings(model, tx, mesh, rng, skip_window: int = 0):
     """(abstract unboxed state with shardings, shardings), without allocating anything."""
-    abstract = jax.eval_shape(functools.partial(init_state, model, tx), rng)
+    abstract = jax.eval_shape(functools.partial(init_state, model, tx, skip_window=skip_window),
+                              rng)
     shardings = sharding.logical_shardings(mesh, abstract)
     is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
     plain = jax.tree.map(lambda x: x.value if is_box(x) else x, abstract, is_leaf=is_box)
@@ -55,19 +61,21 @@ def state_shardings(model, tx, mesh, rng):
     return abstract, shardings
 
 
-def create_state(model, tx, mesh, rng):
+def create_state(model, tx, mesh, rng, skip_window: int = 0):
     """Initialises the state directly sharded: no device ever holds the whole of it."""
-    _, shardings = state_shardings(model, tx, mesh, rng)
-    init = jax.jit(lambda r: nn.unbox(init_state(model, tx, r)), out_shardings=shardings)
+    _, shardings = state_shardings(model, tx, mesh, rng, skip_window)
+    init = jax.jit(lambda r: nn.unbox(init_state(model, tx, r, skip_window)),
+                   out_shardings=shardings)
     return init(rng), shardings
 
 
 def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_loss_weight: float,
-                    loss_chunks: int = 0, mesh=None):
+                    loss_chunks: int = 0, mesh=None, skip_sigma: float = 0.0):
     """Returns the pure train_step. With accum_steps > 1 the batch is split into that many
     micro-batches, scanned with summed gradients, and normalised by the total count of
     loss tokens, so the update equals that of the whole batch at once. loss_chunks > 0
-    uses the fused LM-head loss (no [B, T, V] logits); 0 materialises the logits."""
+    uses the fused LM-head loss (no [B, T, V] logits); 0 materialises the logits.
+    A non-finite (or, with skip_sigma > 0, spiking) step is skipped: see guard.py."""
 
     def loss_fn(params, batch):
         args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
@@ -106,12 +114,17 @@ def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_los
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, opt_state=opt_state,
-                                  params=optax.apply_updates(state.params, updates))
         metrics = {"loss": ce / denom, "z_loss": z_loss_weight * z / denom,
                    "grad_norm": optim.global_norm(grads), "lr": schedule(state.step),
                    "loss_tokens": n}
         metrics["total_loss"] = metrics["loss"] + metrics["z_loss"]
+        ok, guard = guard_lib.check(state.guard, metrics["total_loss"], metrics["grad_norm"],
+                                    skip_sigma)
+        metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1, guard=guard,
+            opt_state=guard_lib.select(ok, opt_state, state.opt_state),
+            params=guard_lib.select(ok, optax.apply_updates(state.params, updates), state.params))
         return new_state, metrics
 
     return train_step
@@ -198,35 +211,48 @@ def make_data_iterator(config, paths: list[str]):
 
 
 def train(config, workdir: str) -> dict:
-    """Runs (or resumes) training to config.train.steps; returns the last logged metrics."""
+    """Runs (or resumes) training to config.train.steps; returns the last logged metrics
+    (with "preempted": True when a SIGTERM stopped it early, after a committed save)."""
     config_lib.validate(config, jax.device_count())
     paths, _ = resolve_data(config)
     mesh = sharding.make_mesh(config)
     model = Transformer(ModelConfig.from_config(config.model))
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
     t = config.train
+    skip_window = t.skip_window if t.skip_sigma > 0 else 0
     accum = t.global_batch_size // config_lib.micro_batch_size(config)
     flops_per_token = config_lib.flops_per_token(config.model, config.data.seq_len)
     peak = t.peak_flops_per_device or metrics_lib.peak_flops_per_device()
     tokens_per_step = t.global_batch_size * config.data.seq_len
 
+    if "://" in workdir:
+        raise config_lib.ConfigError(
+            f"--workdir={workdir}: metrics and TensorBoard need a local workdir; put the "
+            "checkpoints on GCS with "
+            f"--config.checkpoint.directory={workdir.rstrip('/')}/checkpoints")
     init_from = _check_init_from(config) if t.init_from else None
     data_iter = make_data_iterator(config, paths)
-    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
+    manager = checkpoint.make_manager(config.checkpoint.directory
+                                      or os.path.join(workdir, "checkpoints"),
                                       keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
     rng = jax.random.PRNGKey(t.seed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        abstract, shardings = state_shardings(model, tx, mesh, rng)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES), _Preemption() as preempt:
+        abstract, shardings = state_shardings(model, tx, mesh, rng, skip_window)
         start = manager.latest_step()
         if start is None:
-            state, _ = create_state(model, tx, mesh, rng)
+            state, _ = create_state(model, tx, mesh, rng, skip_window)
             if init_from:
                 state = state.replace(params=checkpoint.load_params(
                     init_from, model.cfg, mesh))
             start = 0
         else:
-            state, meta = checkpoint.restore(manager, start, abstract, data_iter)
+            try:
+                state, meta = checkpoint.restore(manager, start, abstract, data_iter,
+                                                 config=config.to_dict())
+            except checkpoint.CheckpointError:
+                manager.close()  # no orbax threads left behind
+                raise
             _warn_config_changes(meta.get("config", {}), config.to_dict())
         batch_sharding = sharding.batch_sharding(mesh)
         if jax.process_index() == 0:
@@ -238,16 +264,18 @@ def train(config, workdir: str) -> dict:
                   f"workdir {workdir}", flush=True)
         step_fn = jax.jit(
             make_train_step(model, tx, schedule, accum_steps=accum,
-                            z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks, mesh=mesh),
+                            z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks, mesh=mesh,
+                            skip_sigma=t.skip_sigma),
             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
             donate_argnums=(0,))
         writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start,
                                            enabled=jax.process_index() == 0)
-        meta = {"config": config.to_dict()}
-        last, pending = {}, None
+        saver = _Saver(manager, data_iter, {"config": config.to_dict()}, config.checkpoint)
+        last, pending, prev_skip, bad_run = {}, None, None, 0
         mark = (start - 1, time.perf_counter())  # (step, time) of the last emitted metrics
+        step = start
         try:
-            for step in range(start, t.steps):
+            while step < t.steps:
                 batch = _to_global(next(data_iter), batch_sharding)
                 state, step_metrics = step_fn(state, batch)
                 # Metrics are read one step late, so the host never waits on the device.
@@ -255,21 +283,133 @@ def train(config, workdir: str) -> dict:
                     last, mark = _emit(writer, *pending, mark, tokens_per_step, flops_per_token,
                                        peak, mesh.size)
                     pending = None
+                if prev_skip is not None:
+                    bad_run = _note_skip(*prev_skip, bad_run)
+                prev_skip = (step, step_metrics["skipped"])
                 if step % t.log_every == 0 or step == t.steps - 1 or step == start:
                     pending = (step, step_metrics)
                 writer.advance()
-                if (step + 1) % config.checkpoint.every_steps == 0 or step + 1 == t.steps:
-                    checkpoint.save(manager, step + 1, state, data_iter, dict(meta, step=step + 1))
+                step += 1
+                if t.rollback_after and bad_run >= t.rollback_after:
+                    state, step = _rollback(manager, abstract, data_iter, config, writer, step)
+                    last, pending, prev_skip, bad_run = {}, None, None, 0
+                    mark = (step - 1, time.perf_counter())
+                    continue
+                stop = preempt.requested(step, t.log_every)
+                if stop or saver.due(step, t.steps, t.log_every):
+                    if not saver.save(step, state):  # poisoned state: not saved
+                        if not t.rollback_after:
+                            raise FloatingPointError(
+                                f"step {step}: non-finite parameters; nothing was saved. Set "
+                                "config.train.rollback_after to reload the last checkpoint")
+                        state, step = _rollback(manager, abstract, data_iter, config, writer,
+                                                step)
+                        last, pending, prev_skip, bad_run = {}, None, None, 0
+                        mark = (step - 1, time.perf_counter())
+                        continue
+                if stop:
+                    logging.warning("SIGTERM: saved step %d; waiting for the commit", step)
+                    break
             if pending is not None:
                 last, mark = _emit(writer, *pending, mark, tokens_per_step, flops_per_token, peak,
                                    mesh.size)
+            if prev_skip is not None:
+                _note_skip(*prev_skip, bad_run)
             manager.wait_until_finished()
+            if step < t.steps:
+                last = dict(last, preempted=True)
         finally:
             writer.close()
             manager.close()
             if hasattr(data_iter, "close"):
                 data_iter.close()
     return last
+
+
+class _Preemption:
+    """Turns SIGTERM (how TPU VMs and SLURM preempt) into a flag the loop checks after each
+    step. Every process must stop at the same step, so with several processes the flag is
+    agreed (any process signalled -> all stop) every `log_every` steps."""
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self._flag = True
+
+    def requested(self, step: int, every: int) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        if step % every:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array(self._flag))))
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Saver:
+    """Decides when to save (every_steps, every_seconds, the last step) and refuses to
+    write a state with non-finite parameters."""
+
+    def __init__(self, manager, data_iter, meta: dict, options):
+        self.manager, self.data_iter, self.meta, self.options = manager, data_iter, meta, options
+        self.last_time = time.monotonic()
+        self.last_step = manager.latest_step()
+
+    def due(self, step: int, total: int, sync_every: int) -> bool:
+        every_s = self.options.every_seconds
+        timed = bool(every_s) and time.monotonic() - self.last_time >= every_s
+        if every_s and jax.process_count() > 1:  # clocks differ: process 0 decides for all,
+            from jax.experimental import multihost_utils  # on steps all processes agree on
+            timed = step % sync_every == 0 and bool(
+                multihost_utils.broadcast_one_to_all(np.array(timed)))
+        return step % self.options.every_steps == 0 or step == total or timed
+
+    def save(self, step: int, state) -> bool:
+        if step == self.last_step:
+            return True
+        if not bool(guard_lib.all_finite(state.params)):
+            logging.error("step %d: parameters are not finite; not saving this state", step)
+            return False
+        checkpoint.save(self.manager, step, state, self.data_iter, dict(self.meta, step=step))
+        self.last_time, self.last_step = time.monotonic(), step
+        return True
+
+
+def _note_skip(step: int, skipped, bad_run: int) -> int:
+    """Logs a skipped step (read one step late) and returns the run of skipped steps."""
+    if float(skipped):
+        logging.warning("step %d skipped: non-finite or spiking loss / grad norm", step)
+        return bad_run + 1
+    return 0
+
+
+def _rollback(manager, abstract, data_iter, config, writer, step: int):
+    """Reloads the last committed checkpoint and skips `rollback_skip_batches` batches past
+    its data position. Returns (state, step to continue from)."""
+    manager.wait_until_finished()
+    good = manager.latest_step()
+    if good is None:
+        raise FloatingPointError(
+            f"step {step}: {config.train.rollback_after} bad steps in a row and no checkpoint "
+            "to roll back to; lower config.checkpoint.every_steps or inspect the data")
+    state, _ = checkpoint.restore(manager, good, abstract, data_iter)
+    for _ in range(config.train.rollback_skip_batches):
+        next(data_iter)
+    logging.warning("rollback at step %d: reloaded step %d and skipped %d batches", step, good,
+                    config.train.rollback_skip_batches)
+    writer.rewind(good)
+    return state, good
 
 
 def _to_global(local: dict, batch_sharding) -> dict:
