@@ -290,23 +290,21 @@ def train(config, workdir: str) -> dict:
                     pending = (step, step_metrics)
                 writer.advance()
                 step += 1
-                if t.rollback_after and bad_run >= t.rollback_after:
-                    state, step = _rollback(manager, abstract, data_iter, config, writer, step)
-                    last, pending, prev_skip, bad_run = {}, None, None, 0
-                    mark = (step - 1, time.perf_counter())
-                    continue
-                stop = preempt.requested(step, t.log_every)
-                if stop or saver.due(step, t.steps, t.log_every):
-                    if not saver.save(step, state):  # poisoned state: not saved
+                roll_back = bool(t.rollback_after) and bad_run >= t.rollback_after
+                if not roll_back:
+                    stop = preempt.requested(step, t.log_every)
+                    if ((stop or saver.due(step, t.steps, t.log_every))
+                            and not saver.save(step, state)):  # poisoned state: not saved
                         if not t.rollback_after:
                             raise FloatingPointError(
                                 f"step {step}: non-finite parameters; nothing was saved. Set "
                                 "config.train.rollback_after to reload the last checkpoint")
-                        state, step = _rollback(manager, abstract, data_iter, config, writer,
-                                                step)
-                        last, pending, prev_skip, bad_run = {}, None, None, 0
-                        mark = (step - 1, time.perf_counter())
-                        continue
+                        roll_back = True
+                if roll_back:
+                    state, step = _rollback(manager, abstract, data_iter, config, writer, step)
+                    last, pending, prev_skip, bad_run = {}, None, None, 0
+                    mark = (step - 1, time.perf_counter())
+                    continue
                 if stop:
                     logging.warning("SIGTERM: saved step %d; waiting for the commit", step)
                     break

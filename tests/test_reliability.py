@@ -16,7 +16,7 @@ import pytest
 
 from olmo2_jax import checkpoint, guard, train
 from olmo2_jax import config as config_lib
-from test_train import REPO, _cli, losses, small_config, token_file
+from test_train import REPO, _cli, losses, rerun_matches_straight, small_config, token_file
 
 
 def rows_of(workdir):
@@ -49,16 +49,7 @@ def test_sigterm_saves_commits_exits_0_and_resumes_exactly(tmp_path):
     assert len(saved) == 1 and 3 <= saved[0] < 400, saved
     assert not [d for d in os.listdir(run / "checkpoints") if "tmp" in d]  # committed
     assert [r["step"] for r in rows_of(run)] == list(range(saved[0]))
-    stop = saved[0] + 4
-    subprocess.run(_cli(run, data, stop), cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    straight = tmp_path / "straight"
-    subprocess.run(_cli(straight, data, stop), cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    a, _ = losses(straight)
-    b, rows = losses(run)
-    assert [r["step"] for r in rows] == list(range(stop))
-    assert all(a[s] == b[s] for s in range(stop)), {s: (a[s], b[s]) for s in range(stop)}
+    rerun_matches_straight(run, tmp_path / "straight", data, saved[0] + 4, env)
 
 
 def test_save_interrupted_mid_write_is_never_used(tmp_path, capsys):
@@ -279,14 +270,5 @@ def test_kill_9_during_async_save_resumes_from_previous_checkpoint(tmp_path):
     interrupted = int(caught.split(".")[0])
     committed = steps_saved(run)
     assert committed and committed[-1] < interrupted <= 400, (committed, caught)
-    stop = committed[-1] + 3
-    subprocess.run(_cli(run, data, stop) + big, cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    straight = tmp_path / "straight"
-    subprocess.run(_cli(straight, data, stop) + big, cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    a, _ = losses(straight)
-    b, rows = losses(run)
-    assert [r["step"] for r in rows] == list(range(stop))
-    assert all(a[s] == b[s] for s in range(stop))
+    rerun_matches_straight(run, tmp_path / "straight", data, committed[-1] + 3, env, big)
     assert not [n for n in os.listdir(ckpts) if "tmp" in n]

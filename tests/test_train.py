@@ -115,13 +115,16 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path):
     proc.wait()
     kept = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
     assert kept and kept[-1] < steps, kept
-    stop = kept[-1] + 6
-    subprocess.run(_cli(killed, data, stop), cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    straight = tmp_path / "straight"
-    subprocess.run(_cli(straight, data, stop), cwd=REPO, env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rerun_matches_straight(killed, tmp_path / "straight", data, kept[-1] + 6, env)
+
+
+def rerun_matches_straight(workdir, straight, data, stop, env, extra=()):
+    """Reruns the interrupted `workdir` to `stop` and an uninterrupted run in `straight`:
+    one metrics line per step, and bit-identical losses."""
+    for run in (workdir, straight):
+        subprocess.run(_cli(run, data, stop, *extra), cwd=REPO, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     a, _ = losses(straight)
-    b, rows = losses(killed)
+    b, rows = losses(workdir)
     assert [r["step"] for r in rows] == list(range(stop))
     assert all(a[s] == b[s] for s in range(stop)), {s: (a[s], b[s]) for s in range(stop)}
