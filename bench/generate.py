@@ -31,7 +31,8 @@ ONE_B = dict(d_model=2048, n_layers=16, n_heads=16, n_kv_heads=16, mlp_hidden=81
              vocab=100352)
 # olmo2_jax decode variants: (layers unrolled, cache read, cache_chunk); see Generator.
 VARIANTS = {"unrolled": (True, "reduce", None), "scan": (False, "reduce", None),
-            "unr+einsum": (True, "einsum", None), "unr+chunk128": (True, "reduce", 128)}
+            "unr+einsum": (True, "einsum", None), "unr+chunk128": (True, "reduce", 128),
+            "unr+chunk64": (True, "reduce", 64)}
 TINY = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=256, vocab=1024)
 
 

@@ -47,7 +47,8 @@ def apply_overrides(c, spec: str):
     return c
 
 
-def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -> dict:
+def build(config_path: str, seq: int, overrides: str):
+    """(compiled step, state, fresh-batch fn, config) for a config with overrides."""
     c = runpy.run_path(config_path)["get_config"]()
     c.data.seq_len = seq
     c.train.micro_batch_size = 0
@@ -75,21 +76,27 @@ def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -
                     {"inputs": tok[:, :-1], "targets": tok[:, 1:],
                      "loss_mask": np.ones((B, T), np.float32)}.items()}
 
-        t0 = time.perf_counter()
         compiled = step_fn.lower(state, batch()).compile()
-        compile_s = time.perf_counter() - t0
-        for _ in range(warmup):
-            state, m = compiled(state, batch())
+    return compiled, state, batch, c
+
+
+def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -> dict:
+    t0 = time.perf_counter()
+    compiled, state, batch, c = build(config_path, seq, overrides)
+    compile_s = time.perf_counter() - t0
+    B, T = c.train.global_batch_size, seq
+    for _ in range(warmup):
+        state, m = compiled(state, batch())
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        b = batch()
+        jax.block_until_ready(b)
+        t = time.perf_counter()
+        state, m = compiled(state, b)
         jax.block_until_ready(m)
-        times = []
-        for _ in range(steps):
-            b = batch()
-            jax.block_until_ready(b)
-            t = time.perf_counter()
-            state, m = compiled(state, b)
-            jax.block_until_ready(m)
-            times.append(time.perf_counter() - t)
-        loss = float(m["loss"])
+        times.append(time.perf_counter() - t)
+    loss = float(m["loss"])
     dt = statistics.median(times)
     tok_s = B * T / dt
     fpt = config_lib.flops_per_token(c.model, seq)

@@ -31,6 +31,11 @@ from olmo2_jax import sharding
 from olmo2_jax.model import ModelConfig, Transformer
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")  # Transformer.decode
+# The whole decode loop (while loop included) as one CUDA graph; XLA's default leaves
+# the loop out, so each step's kernels are launched one by one from the host.
+DECODE_GPU_OPTIONS = {
+    "xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL",
+    "xla_gpu_graph_min_graph_size": 1}
 PROMPT_BUCKET = 8  # prompt lengths are rounded up to this, so few lengths compile
 
 
@@ -102,8 +107,12 @@ class Generator:
 
     `params` may be fp32 master weights: they are cast once to the compute dtype, since
     decoding is bound by reading the weights (and the cache) every step. `unroll_layers`
-    turns the scan over layers into straight-line code inside the decode loop (one
-    flat step for the compiler to fuse and launch; the params stay stacked).
+    turns the layers into straight-line code inside the decode loop, with the weights
+    split once into one array per layer: slicing a layer out of the stacked (scanned)
+    weights inside the loop made XLA copy every weight matrix on every step (1.2 of
+    6.2 ms per step at the 1B shape on the H200, bench/profile.py). On GPUs the decode
+    loop is one CUDA graph (XLA command buffers including the while loop), which removes
+    the per-kernel launch gaps of a step of ~400 small kernels.
     `cache_chunk` = C splits the decode into compiled segments of C steps, each reading
     only the cache slots filled by its end (less cache traffic, one compile per segment);
     None reads the whole cache every step.
@@ -115,8 +124,9 @@ class Generator:
         if cache_chunk is not None and cache_chunk < 1:
             raise ValueError(f"cache_chunk={cache_chunk} must be >= 1 (or None)")
         self.cache_chunk = cache_chunk
-        if unroll_layers and cfg.scan_layers:
-            cfg = dataclasses.replace(cfg, scan_unroll=cfg.n_layers)
+        split = unroll_layers and cfg.scan_layers
+        if split:
+            cfg = dataclasses.replace(cfg, scan_layers=False)
         if decode_attention is not None:
             if decode_attention not in ("reduce", "einsum"):
                 raise ValueError(f"decode_attention={decode_attention!r}: reduce or einsum")
@@ -129,16 +139,27 @@ class Generator:
                                   jnp.zeros((1, 1), jnp.int32))
         self.param_shardings = sharding.logical_shardings(self.mesh, abstract)["params"]
         dtype = cfg.dtype if cast_params else None
+
+        def prepare(p):
+            p = jax.tree.map(lambda x: x.astype(dtype or x.dtype), p)
+            if split:
+                p = dict(p)
+                stacked = p.pop("layers")
+                p.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked)
+                          for i in range(cfg.n_layers)})
+            return p
+
         with self._ctx():
-            self.params = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype or x.dtype), p),
-                                  out_shardings=self.param_shardings)(params)
+            self.params = jax.jit(prepare, out_shardings=self.param_shardings)(params)
         self.cache_sharding = nn.logical_to_mesh_sharding(P(*CACHE_AXES), self.mesh,
                                                           sharding.RULES)
         self.batch_multiple = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES)
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("cache_len",))
         self._decode = jax.jit(
             self._decode_impl, donate_argnames=("carry",),
-            static_argnames=("sampling", "stop", "first_slot", "end", "visible"))
+            static_argnames=("sampling", "stop", "first_slot", "end", "visible"),
+            compiler_options=DECODE_GPU_OPTIONS if self.mesh.devices.flat[0].platform == "gpu"
+            else None)
 
     @contextlib.contextmanager
     def _ctx(self):
