@@ -230,6 +230,50 @@ def load_params(directory: str, cfg, mesh, step: int | None = None):
     return restored["params"]
 
 
+def check_new_dir(out: str) -> str:
+    """`out` (made absolute when local) after checking that it holds no checkpoint: the
+    writers of new checkpoints (`convert from_hf`, `soup`) never overwrite or mix steps."""
+    if "://" not in out:
+        out = os.path.abspath(out)
+    p = epath.Path(out)
+    if p.exists():
+        if not p.is_dir():
+            raise CheckpointError(f"--out={out} is a file; pick a new directory")
+        held = sorted(c.name for c in p.iterdir() if c.name[:1].isdigit())
+        held += ["checkpoints"] if (p / "checkpoints").exists() else []
+        if held:
+            raise CheckpointError(f"--out={out} already holds checkpoints ({', '.join(held[:3])}"
+                                  f"{' ...' if len(held) > 3 else ''}); pick a new directory")
+    return out
+
+
+def write_params(out: str, params, meta: dict, *, step: int = 0,
+                 tokenizer_files=()) -> str:
+    """Writes a params-only checkpoint (state = {"params"}, meta with "config") at `step`
+    into the new directory `out` (local or gs://), plus tokenizer files under tokenizer/:
+    what `convert from_hf` and `soup` produce, and what `load_params`, `read_meta`,
+    `train.init_from`, `generate` and `to_hf` read. Returns `out`."""
+    out = check_new_dir(out)
+    manager = make_manager(out, keep=1, async_save=False)
+    try:
+        save(manager, step, {"params": params}, None, dict(meta, step=step))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    if tokenizer_files and jax.process_index() == 0:
+        tok_dir = epath.Path(out) / TOKENIZER_DIR
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for f in map(epath.Path, tokenizer_files):  # small files: read, then write anywhere
+            (tok_dir / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def tokenizer_files(directory: str) -> list[str]:
+    """The tokenizer files a checkpoint directory carries (see `write_params`)."""
+    tok_dir = epath.Path(directory) / TOKENIZER_DIR
+    return sorted(str(f) for f in tok_dir.iterdir() if f.is_file()) if tok_dir.is_dir() else []
+
+
 class HFTokenizerFile:
     """A tokenizer.json (Hugging Face `tokenizers`) kept with a checkpoint: encode/decode."""
 

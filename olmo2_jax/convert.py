@@ -252,9 +252,7 @@ def from_hf(hf_dir: str, out: str, base_config: ml_collections.ConfigDict | None
     cfg = ModelConfig.from_config(config.model)
     folder = SafetensorsFolder(hf_dir)
     check_names(folder.shapes, cfg, hf_dir)
-    out = os.path.abspath(out) if "://" not in out else out
-    if os.path.isdir(out) and any(c.isdigit() for c in os.listdir(out)):
-        raise ConversionError(f"--out={out} already holds checkpoints; pick a new directory")
+    out = checkpoint.check_new_dir(out)  # before any work; write_params checks again
     if mesh is None:
         mesh = sharding.make_mesh(config)
 
@@ -305,20 +303,12 @@ def from_hf(hf_dir: str, out: str, base_config: ml_collections.ConfigDict | None
                 x = from_hf_tensor(folder.get(name_t.format(layer=i)), leaf.shape, transpose)
                 setpath(params, k_i, place(x, lookup(shardings, k_i)))
 
-    tok_dir = os.path.join(out, checkpoint.TOKENIZER_DIR)
-    copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, f))]
-    meta = {"config": config.to_dict(), "step": 0,
+    meta = {"config": config.to_dict(),
             "hf": {"source": os.path.abspath(hf_dir), "dtype": _hf_dtype(hf, folder),
                    **{k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}}
-    manager = checkpoint.make_manager(out, keep=1, async_save=False)
-    checkpoint.save(manager, 0, {"params": params}, None, meta)
-    manager.wait_until_finished()
-    manager.close()
-    if copied:
-        os.makedirs(tok_dir, exist_ok=True)
-        for f in copied:
-            shutil.copy(os.path.join(hf_dir, f), os.path.join(tok_dir, f))
-    return out
+    tokenizer = [os.path.join(hf_dir, f) for f in TOKENIZER_FILES
+                 if os.path.exists(os.path.join(hf_dir, f))]
+    return checkpoint.write_params(out, params, meta, step=0, tokenizer_files=tokenizer)
 
 
 def _hf_dtype(hf: dict, folder: SafetensorsFolder) -> str:
