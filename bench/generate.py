@@ -72,8 +72,15 @@ def parse():
 
 
 def bench_hf(a, shape, emit):
-    import torch
-    from transformers import Olmo2Config, Olmo2ForCausalLM
+    try:
+        import torch
+        from transformers import Olmo2Config, Olmo2ForCausalLM
+    except Exception as e:  # noqa: BLE001 -- still time our side, and say why HF is missing
+        import traceback
+        traceback.print_exc()
+        for mode in [m for m in a.hf_modes.split(",") if m]:
+            emit(impl="transformers", mode=mode, error=f"import failed: {e!r}"[:300])
+        return {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = Olmo2Config(
         hidden_size=shape["d_model"], intermediate_size=shape["mlp_hidden"],

@@ -1,8 +1,8 @@
 """Where the accelerator's time goes: a kernel-time table from a JAX profiler trace.
 
-    python bench/profile.py train --config=configs/1b.py --seq=4096 \
+    python bench/kernel_profile.py train --config=configs/1b.py --seq=4096 \
         --set=train.global_batch_size=8 --out=/tmp/prof_train.json
-    python bench/profile.py decode --batch=64 --prompt_len=512 --new_tokens=128 --out=/tmp/pd.json
+    python bench/kernel_profile.py decode --batch=64 --prompt_len=512 --new_tokens=128 --out=/tmp/pd.json
 
 `train` profiles `--steps` real train steps of a config (as bench/train_step.py builds
 them); `decode` profiles one `Generator` call at the 1B shape (as bench/generate.py).
