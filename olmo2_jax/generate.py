@@ -110,7 +110,7 @@ class Generator:
     turns the layers into straight-line code inside the decode loop, with the weights
     split once into one array per layer: slicing a layer out of the stacked (scanned)
     weights inside the loop made XLA copy every weight matrix on every step (1.2 of
-    6.2 ms per step at the 1B shape on the H200, bench/profile.py). On GPUs the decode
+    6.2 ms per step at the 1B shape on the H200, bench/kernel_profile.py). On GPUs the decode
     loop is one CUDA graph (XLA command buffers including the while loop), which removes
     the per-kernel launch gaps of a step of ~400 small kernels.
     `cache_chunk` = C splits the decode into compiled segments of C steps, each reading
