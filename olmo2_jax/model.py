@@ -79,7 +79,6 @@ class ModelConfig:
     dtype: Any = jnp.bfloat16
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
-    scan_unroll: int = 1  # layers per scan iteration; generation unrolls them all
     decode_attention: str = "reduce"  # KV-cache read: "reduce" or "einsum" (cached_attention)
     remat: str = "dots"
     attention: str = "auto"
@@ -321,7 +320,6 @@ class Transformer(nn.Module):
             self.layers = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.n_layers,
-                unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
         else:
             self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
