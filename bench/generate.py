@@ -122,21 +122,28 @@ def bench_hf(a, shape, emit):
     return {"torch": torch.__version__, "torch_device": device}
 
 
-def bench_ours(a, shape, emit):
+def random_model(shape: dict, dtype: str):
+    """(ModelConfig, random params) of a bench shape (ONE_B / TINY) in `dtype`."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from flax import linen as nn
 
-    from olmo2_jax.generate import Generator
     from olmo2_jax.model import ModelConfig, Transformer
     cfg = ModelConfig(vocab_size=shape["vocab"], padded_vocab_size=shape["vocab"],
                       d_model=shape["d_model"], n_layers=shape["n_layers"],
                       n_heads=shape["n_heads"], n_kv_heads=shape["n_kv_heads"],
                       head_dim=shape["d_model"] // shape["n_heads"],
-                      mlp_hidden=shape["mlp_hidden"], dtype=jnp.dtype(a.dtype), remat="none")
+                      mlp_hidden=shape["mlp_hidden"], dtype=jnp.dtype(dtype), remat="none")
     init = jax.jit(lambda k: nn.unbox(Transformer(cfg).init(k, jnp.zeros((1, 1), jnp.int32))))
-    params = init(jax.random.PRNGKey(0))["params"]
+    return cfg, init(jax.random.PRNGKey(0))["params"]
+
+
+def bench_ours(a, shape, emit):
+    import jax
+    import numpy as np
+
+    from olmo2_jax.generate import Generator
+    cfg, params = random_model(shape, a.dtype)
     rng = np.random.default_rng(0)
     env = {"jax": jax.__version__, "jax_device": str(jax.devices()[0].device_kind)}
     for name in a.variants.split(","):

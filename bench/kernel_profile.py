@@ -117,20 +117,12 @@ def profile_train(a):
 
 def profile_decode(a):
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import linen as nn
 
-    from bench.generate import ONE_B
+    from bench.generate import ONE_B, random_model
     from olmo2_jax.generate import Generator
-    from olmo2_jax.model import ModelConfig, Transformer
     s = ONE_B
-    cfg = ModelConfig(vocab_size=s["vocab"], padded_vocab_size=s["vocab"], d_model=s["d_model"],
-                      n_layers=s["n_layers"], n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"],
-                      head_dim=s["d_model"] // s["n_heads"], mlp_hidden=s["mlp_hidden"],
-                      dtype=jnp.bfloat16, remat="none")
-    params = jax.jit(lambda k: nn.unbox(Transformer(cfg).init(
-        k, jnp.zeros((1, 1), jnp.int32))))(jax.random.PRNGKey(0))["params"]
+    cfg, params = random_model(s, "bfloat16")
     kw = dict(decode_attention=a.decode_attention, cache_chunk=a.cache_chunk or None)
     gen = Generator(cfg, params, **kw)
     rng = np.random.default_rng(0)
