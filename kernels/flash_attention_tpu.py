@@ -67,11 +67,13 @@ def _seg_specs(seg, bq, bk, q_map, k_map):
     return [q_seg, kv_seg], specs
 
 
+def _split_seg_refs(refs, has_seg):
+    """(q segment ref, kv segment ref, the other refs): the segment refs lead when present."""
+    return (refs[0], refs[1], refs[2:]) if has_seg else (None, None, refs)
+
+
 def _fwd_kernel(*refs, has_seg, scale, bq, bk, nk):
-    if has_seg:
-        qseg_ref, kvseg_ref, *refs = refs
-    else:
-        qseg_ref = kvseg_ref = None
+    qseg_ref, kvseg_ref, refs = _split_seg_refs(refs, has_seg)
     q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     qi, ki = pl.program_id(2), pl.program_id(3)
 
@@ -140,10 +142,7 @@ def forward(q_BTNH, k_BSKH, v_BSKH, seg_BT, *, block_q, block_k, interpret=False
 
 
 def _dq_kernel(*refs, has_seg, scale, bq, bk, nk):
-    if has_seg:
-        qseg_ref, kvseg_ref, *refs = refs
-    else:
-        qseg_ref = kvseg_ref = None
+    qseg_ref, kvseg_ref, refs = _split_seg_refs(refs, has_seg)
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, dq_sc = refs
     qi, ki = pl.program_id(2), pl.program_id(3)
 
@@ -167,10 +166,7 @@ def _dq_kernel(*refs, has_seg, scale, bq, bk, nk):
 
 
 def _dkv_kernel(*refs, has_seg, scale, bq, bk, nq):
-    if has_seg:
-        qseg_ref, kvseg_ref, *refs = refs
-    else:
-        qseg_ref = kvseg_ref = None
+    qseg_ref, kvseg_ref, refs = _split_seg_refs(refs, has_seg)
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
     ki, j = pl.program_id(2), pl.program_id(3)
     qi = lax.rem(j, nq)
