@@ -1,7 +1,8 @@
-"""Causal attention TFLOP/s on one GPU: our Pallas kernel vs cuDNN vs XLA, in one run.
+"""Causal attention TFLOP/s on one GPU: our Pallas kernels vs cuDNN vs XLA, in one run.
 
-    PYTHONPATH=$PWD python3 bench/attention.py [--out results.json] [--quick]
+    PYTHONPATH=$PWD python3 bench/attention.py [--out results.json] [--quick] [--impls=...]
 
+Our kernels: "mgpu" (Mosaic GPU, warp-specialized, Hopper) and "pallas" (Triton lowering).
 Forward and forward+backward at B=8, T=4096 and B=2, T=16384 (same tokens), 16 heads,
 head_dim 128, bf16. Causal FLOPs: forward 2 matmuls of 2*B*N*T*T*H/2 each; backward 5 such
 matmuls, so forward+backward = 3.5 x forward. Each figure is the median over repeats of the
@@ -20,7 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels import flash_attention, flash_attention_gpu
+from kernels import flash_attention, flash_attention_gpu, flash_attention_mgpu
 
 # Tuning candidates, swept in order at B=8, T=4096; each keeps the best so far. Tiles are
 # (block_q, block_k, num_warps, num_stages). docs/kernels.md lists what runs 1-3 tried.
@@ -29,11 +30,23 @@ SWEEP = [
     ("dq", [(128, 64, 8, 3), (128, 64, 8, 2)]),
     ("dkv", [(64, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]),
 ]
+# Mosaic GPU tiles: fwd (query rows per warpgroup, key rows, stages); dq (query rows per
+# warpgroup, key rows, stages); dkv (key rows per warpgroup, query rows, stages).
+# (64, 128, 3) forward tiles exceed shared memory; dk/dv with 128 key rows per warpgroup
+# would need 256 accumulator registers per thread.
+MGPU_SWEEP = [
+    ("fwd", [(64, 128, 2), (64, 64, 2)]),
+    ("dq", [(64, 128, 2), (64, 64, 2), (64, 64, 3)]),
+    ("dq_pingpong", [True, False]),
+    ("dkv", [(64, 64, 2), (64, 64, 3)]),
+    ("dkv_pingpong", [True, False]),
+]
+BACKEND = {"pallas": "gpu", "mgpu": "mgpu"}
 
 
 def attention_fn(impl, segment_ids=None):
-    if impl == "pallas":
-        return lambda q, k, v: flash_attention(q, k, v, segment_ids, backend="gpu")
+    if impl in BACKEND:
+        return lambda q, k, v: flash_attention(q, k, v, segment_ids, backend=BACKEND[impl])
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                         implementation=impl)
 
@@ -73,10 +86,10 @@ def causal_flops(B, T, N, H):
     return 2 * 2 * B * N * T * T * H / 2
 
 
-def check(shape):
+def check(shape, impl="pallas"):
     """Max |ours - cuDNN| for out, dq, dk, dv, relative to max |cuDNN|."""
     q, k, v, do = inputs(*shape, seed=1)
-    ours = jax.jit(fwd_bwd_fn("pallas"))(q, k, v, do)
+    ours = jax.jit(fwd_bwd_fn(impl))(q, k, v, do)
     ref = jax.jit(fwd_bwd_fn("cudnn"))(q, k, v, do)
     errs = {}
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
@@ -85,59 +98,75 @@ def check(shape):
     return errs
 
 
-def sweep(B, T, N, K, H):
+def sweep(B, T, N, K, H, impl="pallas"):
     q, k, v, do = inputs(B, T, N, K, H)
     flops = causal_flops(B, T, N, H)
+    module, plan = ((flash_attention_mgpu, MGPU_SWEEP) if impl == "mgpu"
+                    else (flash_attention_gpu, SWEEP))
     rows = []
     best = {}
-    for kind, tiles in SWEEP:
+    for kind, tiles in plan:
         start = len(rows)
         for tile in tiles:
-            flash_attention_gpu.TUNING[kind] = tile
+            module.TUNING[kind] = tile
             try:
                 if kind == "fwd":
-                    t = time_fn(jax.jit(attention_fn("pallas")), (q, k, v)) * 3.5
+                    t = time_fn(jax.jit(attention_fn(impl)), (q, k, v)) * 3.5
                 else:
-                    t = time_fn(jax.jit(fwd_bwd_fn("pallas")), (q, k, v, do))
-                rows.append({"kernel": kind, "tiles": tile, "tflops": 3.5 * flops / t / 1e12})
+                    t = time_fn(jax.jit(fwd_bwd_fn(impl)), (q, k, v, do))
+                rows.append({"impl": impl, "kernel": kind, "tiles": tile,
+                             "tflops": 3.5 * flops / t / 1e12})
             except Exception as e:  # a tile that does not fit shared memory: record it
-                rows.append({"kernel": kind, "tiles": tile, "error": str(e).splitlines()[0][:200]})
+                rows.append({"impl": impl, "kernel": kind, "tiles": tile,
+                             "error": str(e).splitlines()[0][:200]})
             print("sweep", rows[-1], flush=True)
         ok = [r for r in rows[start:] if "tflops" in r] or [{"tiles": tiles[0], "tflops": 0}]
         best[kind] = max(ok, key=lambda r: r["tflops"])["tiles"]
-        flash_attention_gpu.TUNING[kind] = best[kind]
+        module.TUNING[kind] = best[kind]
     return rows, best
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="attention.json")
-    ap.add_argument("--quick", action="store_true", help="skip the tile sweep")
+    ap.add_argument("--quick", action="store_true", help="skip the tile sweeps")
+    ap.add_argument("--impls", default="mgpu,pallas,cudnn,xla",
+                    help="comma list of mgpu, pallas, cudnn, xla (ours are swept and checked)")
+    ap.add_argument("--seq", default="4096,16384", help="sequence lengths of the table")
     args = ap.parse_args()
+    impls = args.impls.split(",")
+    ours = [i for i in impls if i in BACKEND]
     dev = jax.devices()[0]
     result = {"device": dev.device_kind, "jax": jax.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+              "check_vs_cudnn": {}, "sweep": [], "best_tiles": {}, "tuning": {}}
     print(result, flush=True)
-    result["check_vs_cudnn"] = {}
-    for shape in ((2, 1000, 8, 2, 128), (2, 2048, 16, 16, 64), (8, 4096, 16, 16, 128)):
-        try:
-            result["check_vs_cudnn"]["B{}_T{}_N{}_K{}_H{}".format(*shape)] = check(shape)
-        except Exception as e:
-            result["check_vs_cudnn"]["B{}_T{}_N{}_K{}_H{}".format(*shape)] = str(e)[:300]
-    print("check", result["check_vs_cudnn"], flush=True)
+
+    def check_all(tag=""):
+        for impl in ours:
+            for shape in ((2, 1000, 8, 2, 128), (2, 2048, 16, 16, 64), (8, 4096, 16, 16, 128)):
+                key = "{}{}_B{}_T{}_N{}_K{}_H{}".format(impl, tag, *shape)
+                try:
+                    result["check_vs_cudnn"][key] = check(shape, impl)
+                except Exception as e:
+                    result["check_vs_cudnn"][key] = str(e)[:300]
+                print("check", key, result["check_vs_cudnn"][key], flush=True)
+
+    check_all()
     if not args.quick:
-        rows, best = sweep(8, 4096, 16, 16, 128)
-        result["sweep"], result["best_tiles"] = rows, best
-        result["check_vs_cudnn"]["best_tiles_B2_T1000_N8_K2_H128"] = check((2, 1000, 8, 2, 128))
-        result["tuning"] = dict(flash_attention_gpu.TUNING)
-        print("check", result["check_vs_cudnn"], flush=True)
+        for impl in ours:
+            rows, best = sweep(8, 4096, 16, 16, 128, impl)
+            result["sweep"] += rows
+            result["best_tiles"][impl] = best
+        check_all("_best_tiles")
+    result["tuning"] = {"pallas": dict(flash_attention_gpu.TUNING),
+                        "mgpu": dict(flash_attention_mgpu.TUNING)}
     table = []
-    for B, T in ((8, 4096), (2, 16384)):
-        N = K = 16
-        H = 128
+    for T in map(int, args.seq.split(",")):
+        B, N, K, H = 32768 // T, 16, 16, 128
         q, k, v, do = inputs(B, T, N, K, H)
         flops = causal_flops(B, T, N, H)
-        for impl in ("pallas", "cudnn", "xla"):
+        for impl in impls:
             row = {"B": B, "T": T, "impl": impl}
             try:
                 row["fwd"] = flops / time_fn(jax.jit(attention_fn(impl)), (q, k, v)) / 1e12
@@ -146,15 +175,15 @@ def main():
                 row["error"] = str(e).splitlines()[0][:160]
             table.append(row)
             print(row, flush=True)
-        # Our kernel with document masking: 8 documents of random lengths per sequence.
-        seg = jnp.cumsum(jax.random.bernoulli(jax.random.key(3), 8 / T, (B, T)), axis=1)
-        f = jax.jit(lambda q, k, v, s: flash_attention(q, k, v, s, backend="gpu"))
-        fb = jax.jit(lambda q, k, v, do, s: fwd_bwd_fn("pallas", s)(q, k, v, do))
-        row = {"B": B, "T": T, "impl": "pallas+segments",
-               "fwd": flops / time_fn(f, (q, k, v, seg)) / 1e12,
-               "fwd_bwd": 3.5 * flops / time_fn(fb, (q, k, v, do, seg)) / 1e12}
-        table.append(row)
-        print(row, flush=True)
+        if "pallas" in impls:  # document masking: 8 documents of random lengths per sequence
+            seg = jnp.cumsum(jax.random.bernoulli(jax.random.key(3), 8 / T, (B, T)), axis=1)
+            f = jax.jit(lambda q, k, v, s: flash_attention(q, k, v, s, backend="gpu"))
+            fb = jax.jit(lambda q, k, v, do, s: fwd_bwd_fn("pallas", s)(q, k, v, do))
+            row = {"B": B, "T": T, "impl": "pallas+segments",
+                   "fwd": flops / time_fn(f, (q, k, v, seg)) / 1e12,
+                   "fwd_bwd": 3.5 * flops / time_fn(fb, (q, k, v, do, seg)) / 1e12}
+            table.append(row)
+            print(row, flush=True)
     result["table"] = table
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -2,8 +2,9 @@
 
 `flash_attention` takes the model's layout (B,T,N,H queries, B,S,K,H keys/values with N a
 multiple of K, so K/V are never repeated in memory), pads T to the block, and runs the
-Mosaic TPU kernels (`flash_attention_tpu`) or the Triton-lowered GPU kernels
-(`flash_attention_gpu`) under one `jax.custom_vjp`. `reference_attention` is the plain-JAX
+Mosaic TPU kernels (`flash_attention_tpu`), the Triton-lowered GPU kernels
+(`flash_attention_gpu`) or the Hopper Mosaic GPU kernels (`flash_attention_mgpu`) under one
+`jax.custom_vjp`. `reference_attention` is the plain-JAX
 definition the kernels are tested against. bf16 in, fp32 softmax statistics and
 accumulation, softmax scale 1/sqrt(H).
 """
@@ -14,12 +15,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from kernels import flash_attention_gpu, flash_attention_tpu
+from kernels import flash_attention_gpu, flash_attention_mgpu, flash_attention_tpu
 
-_KERNELS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu}
+_KERNELS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu, "mgpu": flash_attention_mgpu}
 BACKENDS = tuple(_KERNELS)
 HEAD_DIMS = (64, 128)
+RESIDUAL_NAMES = ("flash_attention_out", "flash_attention_lse")
 DTYPES = (jnp.bfloat16, jnp.float32)
 
 
@@ -47,7 +50,9 @@ def current_platform() -> str:
 
 
 def default_backend() -> str:
-    """The kernel family for the platform being compiled for."""
+    """The kernel family for the platform being compiled for. On GPUs the Triton-lowered
+    kernels: the faster Mosaic GPU ones ("mgpu", Hopper) are opt-in until they are verified
+    inside the model's training step (docs/kernels.md)."""
     platform = current_platform()
     if platform in ("tpu", "gpu"):
         return platform
@@ -87,14 +92,18 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, backend: str
                     interpret: bool = False):
     """Causal GQA attention, optional document masking by segment ids, Pallas kernels.
 
-    backend: "tpu" or "gpu" (default: the platform being compiled for). interpret: run the
-    kernels in Pallas interpret mode (CPU tests). block_q/block_k: tile sizes (defaults per
+    backend: "tpu", "gpu" (Triton lowering, any CUDA GPU) or "mgpu" (Mosaic GPU, Hopper;
+    bf16 without segment ids, else it falls back to "gpu"); default: the platform being
+    compiled for. interpret: run the kernels in Pallas interpret mode (CPU tests). block_q/block_k: tile sizes (defaults per
     backend; on TPU for all three kernels, on GPU for the forward, the backward has its own).
     Any T works: q/k/v are zero-padded to the block; causality keeps the padded keys away
     from the real queries, and the padded rows are dropped.
     """
     backend = backend or default_backend()
     _check(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, backend)
+    if backend == "mgpu" and (segment_ids_BT is not None or interpret
+                              or q_BTNH.dtype != jnp.bfloat16):
+        backend = "gpu"
     T = q_BTNH.shape[1]
     bq, bk = _KERNELS[backend].block_sizes(T, block_q, block_k)
     Tp = _round_up(T, max(bq, bk))
@@ -117,6 +126,8 @@ def _flash(q, k, v, seg, opts):
 def _flash_fwd(q, k, v, seg, opts):
     backend, bq, bk, interpret = opts
     out, lse = _KERNELS[backend].forward(q, k, v, seg, block_q=bq, block_k=bk, interpret=interpret)
+    # Named so a remat policy can keep them (`RESIDUAL_NAMES`) and skip the forward re-run.
+    out, lse = checkpoint_name(out, RESIDUAL_NAMES[0]), checkpoint_name(lse, RESIDUAL_NAMES[1])
     return out, (q, k, v, seg, out, lse)
 
 

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels.attention import HEAD_DIMS as PALLAS_HEAD_DIMS, current_platform, flash_attention
+from kernels.attention import HEAD_DIMS as PALLAS_HEAD_DIMS, RESIDUAL_NAMES, current_platform
+from kernels.attention import flash_attention
 from olmo2_jax import config as config_lib
 
 Array = jax.Array
@@ -40,6 +41,7 @@ def _save_dots_and_attention(prim, *args, **params) -> bool:
     statistics), so the backward pass never re-runs the attention forward."""
     return (prim.name.startswith("dot_product_attention_fwd")  # cuDNN
             or prim.name == "pallas_call"  # kernels/: the forward's output and logsumexp
+            or params.get("name") in RESIDUAL_NAMES  # the same, named (Mosaic GPU kernels)
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 

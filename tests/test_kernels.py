@@ -98,6 +98,8 @@ def test_bad_inputs_raise_clear_errors():
         flash_attention(q, q.astype(jnp.float32), q, backend="tpu", interpret=True)
     with pytest.raises(ValueError, match="segment_ids"):
         flash_attention(q, q, q, jnp.zeros((1, 64), jnp.int32), backend="tpu", interpret=True)
+    with pytest.raises(ValueError, match="block_q=64"):
+        flash_attention(q, q, q, backend="mgpu", block_q=64)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
@@ -169,3 +171,50 @@ def test_auto_attention_and_config_checks():
         config_lib.validate(c, 8)
     c.model.head_dim = 64
     config_lib.validate(c, 8)
+
+
+def _mosaic_gpu_calls(f, *args):
+    """Lowers f for CUDA on this CPU host (Pallas -> Mosaic GPU, shared-memory budget
+    included) and counts the Mosaic GPU kernels in the module."""
+    lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+    return lowered.as_text().count("stablehlo.custom_call @mosaic_gpu")
+
+
+@pytest.mark.parametrize("B,T,N,K,H", [(2, 1000, 8, 2, 128), (2, 512, 4, 4, 64),
+                                       (1, 256, 8, 1, 128)])
+def test_mosaic_gpu_kernels_lower_for_hopper(B, T, N, K, H):
+    """The Hopper kernels (forward, dq, dk/dv) build and fit shared memory for GQA ratios
+    1/2/8, head_dim 64/128 and a padded T; their numbers are checked on the H200 against
+    cuDNN by bench/attention.py (docs/kernels.md): Mosaic GPU has no CPU interpreter for
+    their wgmma accumulators."""
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda *a: flash_attention(*a, backend="mgpu"), q, k, v)
+        return out, vjp(out)
+    assert _mosaic_gpu_calls(fwd_bwd, q, kv, kv) == 3
+
+
+def test_mosaic_gpu_forward_is_saved_under_the_models_remat_policy():
+    """With remat 'dots' the backward reuses the kernel's output and logsumexp (3 kernels);
+    saving nothing re-runs the forward (4)."""
+    from olmo2_jax import model
+
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+
+    def grad_with(policy):
+        attn = jax.checkpoint(lambda q: flash_attention(q, q, q, backend="mgpu").sum(),
+                              policy=policy)
+        return jax.value_and_grad(attn)
+    assert _mosaic_gpu_calls(grad_with(model._save_dots_and_attention), q) == 3
+    assert _mosaic_gpu_calls(grad_with(jax.checkpoint_policies.nothing_saveable), q) == 4
+
+
+def test_mosaic_gpu_backend_falls_back_where_it_does_not_apply():
+    """Segment ids, fp32 and interpret mode go to the Triton-lowered kernels."""
+    ks = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(ks[0], (1, 64, 2, 64), jnp.bfloat16)
+    seg = jnp.cumsum(jax.random.bernoulli(ks[1], 0.05, (1, 64)), axis=1)
+    out = flash_attention(q, q, q, seg, backend="mgpu", block_q=16, block_k=16, interpret=True)
+    assert _max_rel_err(out, reference_attention(q, q, q, seg)) < 2 * BF16_EPS

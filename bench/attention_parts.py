@@ -1,0 +1,78 @@
+"""Mosaic GPU attention kernels piece by piece on one Hopper GPU: correctness against
+`reference_attention`, then the time of each kernel (forward, dq + delta, dk/dv) per tile.
+
+    PYTHONPATH=$PWD python3 bench/attention_parts.py [--out parts.json]
+
+B=8, T=4096, 16 heads, head_dim 128, bf16. "hw TFLOP/s" counts the matmuls each kernel
+really runs (causal): forward 2, dq 3 (QK^T, dO V^T, dS K), dk/dv 4 (KQ^T, V dO^T, P^T dO,
+dS^T Q), each 2*B*N*T*T*H/2 FLOPs. Kernels that hang would stall here: run it under
+`timeout`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from bench.attention import inputs, time_fn
+from kernels import flash_attention, flash_attention_mgpu as fm, reference_attention
+
+
+def rel_err(a, b):
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def check(B, T, N, K, H):
+    q, k, v, do = inputs(B, T, N, K, H, seed=2)
+    ours = jax.jit(lambda *a: jax.vjp(lambda *x: flash_attention(*x, backend="mgpu"), *a))
+    ref = jax.jit(lambda *a: jax.vjp(reference_attention, *a))
+    (o1, vjp1), (o2, vjp2) = ours(q, k, v), ref(q, k, v)
+    errs = {"out": rel_err(o1, o2)}
+    errs.update({n: rel_err(a, b) for n, a, b in zip(("dq", "dk", "dv"), vjp1(do), vjp2(do))})
+    return errs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="attention_parts.json")
+    args = ap.parse_args()
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "check": {},
+              "parts": []}
+    for shape in ((1, 256, 2, 2, 128), (2, 1000, 8, 2, 128), (2, 512, 4, 4, 64)):
+        result["check"]["B{}_T{}_N{}_K{}_H{}".format(*shape)] = errs = check(*shape)
+        print("check vs reference", shape, errs, flush=True)
+    B, T, N, K, H = 8, 4096, 16, 16, 128
+    q, k, v, do = inputs(B, T, N, K, H)
+    m1 = 2 * B * N * T * T * H / 2
+    out, lse = jax.jit(lambda *a: fm.forward(*a, None, block_q=128, block_k=128))(q, k, v)
+    _, di = jax.jit(fm._dq)(q, k, v, do, out, lse)
+    plan = [("fwd", 2, [(64, 128, 2), (64, 64, 2)],
+             lambda: jax.jit(lambda *a: fm.forward(*a, None, block_q=128,
+                                                  block_k=fm.TUNING["fwd"][1])), (q, k, v)),
+            ("dq", 3, [(64, 64, 2), (64, 128, 2)], lambda: jax.jit(fm._dq),
+             (q, k, v, do, out, lse)),
+            ("dkv", 4, [(64, 64, 2), (64, 64, 3)], lambda: jax.jit(fm._dkv),
+             (q, k, v, do, lse, di))]
+    for kind, n_mm, tiles, make, operands in plan:
+        default = fm.TUNING[kind]
+        for tile in tiles:
+            fm.TUNING[kind] = tile
+            try:
+                t = time_fn(make(), operands)
+                row = {"kernel": kind, "tiles": tile, "ms": t * 1e3,
+                       "hw_tflops": n_mm * m1 / t / 1e12}
+            except Exception as e:  # e.g. a tile that exceeds shared memory
+                row = {"kernel": kind, "tiles": tile, "error": str(e).splitlines()[0][:200]}
+            result["parts"].append(row)
+            print(row, flush=True)
+        fm.TUNING[kind] = default
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,531 @@
+"""Hopper (sm90) flash attention on Pallas Mosaic GPU: warp-specialized, TMA-fed kernels.
+
+The FlashAttention-3 structure: each CTA runs three warpgroups. One producer warpgroup
+issues TMA copies of K/V tiles into a ring of shared-memory slots and waits on "consumed"
+barriers before refilling a slot; two consumer warpgroups each own `bq` query rows and
+run wgmma (QK^T, then PV with P from registers) with fp32 softmax statistics. A shared
+"schedule" barrier alternates the two consumers (ping-pong), so one warpgroup's softmax
+runs while the other's matmuls occupy the tensor cores. The backward is the same
+producer/consumer layout twice: a dq kernel (query rows resident, K/V streamed; it also
+computes delta = rowsum(O * dO)) and a dk/dv kernel (key rows resident, Q/dO streamed).
+
+Causal: key tiles above a warpgroup's rows are never loaded or computed, the tiles below
+the diagonal run without a mask, and the CTAs with the most work are launched first.
+GQA: a query head reads the K/V of its group's kv head, never repeated in memory. Layout
+B,T,N,H in and out (TMA reads the strided head slices directly). The logsumexp residual
+is base 2 (B,N,T), the contract of `flash_attention_gpu`. Runs on Hopper GPUs only (TMA,
+wgmma), bf16, no segment ids: `flash_attention(..., backend="mgpu")`, which sends the
+calls these kernels cannot serve to the Triton-lowered ones.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+LOG2E = math.log2(math.e)
+# fwd: (query rows per consumer warpgroup, key rows per tile, ring depth); a CTA covers two
+# warpgroups' rows. dq: the same for the dq kernel. dkv: (key rows per warpgroup, query rows
+# per tile, ring depth). *_pingpong: alternate the backward's consumers as in the forward.
+# Chosen by the H200 sweeps of bench/attention.py and bench/attention_parts.py
+# (docs/kernels.md); 64 rows per warpgroup keep the fp32 accumulators within 232 registers.
+TUNING = {"fwd": (64, 128, 2), "dq": (64, 64, 2), "dkv": (64, 64, 2),
+          "dq_pingpong": False, "dkv_pingpong": False}
+
+
+def _plgpu():
+    # Imported on use: the Mosaic GPU dialect is only needed when a kernel is built.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    return plgpu
+
+
+def _t(ref):
+    """Transposed view of a 2-D shared-memory ref: the K^T / Q^T / V^T / dO^T operands."""
+    return ref.transpose((1, 0))
+
+
+def block_sizes(T: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
+    """(CTA query rows, key rows): the padding unit of `flash_attention`."""
+    del T
+    bq_wg, bk, _ = TUNING["fwd"]
+    block_q, block_k = block_q or 2 * bq_wg, block_k or bk
+    if block_q != 128 or block_k not in (64, 128):
+        raise ValueError(f"flash_attention (mgpu): block_q={block_q}, block_k={block_k}; the "
+                         "Mosaic GPU kernels take block_q=128 (two warpgroups of 64 rows) and "
+                         "block_k 64 or 128")
+    return block_q, block_k
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched, *,
+                bq, bk, stages, G, n_q_tiles, scale):
+    plgpu = _plgpu()
+    H = q_ref.shape[-1]
+    dtype = q_ref.dtype
+    b, h = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    qo_smem2, k_smem, v_smem, lse_smem2 = smem
+    k_bar, v_bar, q_bar = bars
+    k_free, v_free = consumed
+    tile = n_q_tiles - 1 - lax.axis_index("q_tile")  # heaviest causal tiles first
+    cta_q0 = tile * (2 * bq)
+    cta_kv_steps = lax.div(cta_q0 + 2 * bq + bk - 1, jnp.int32(bk))
+
+    def sched_sync():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+        q0 = cta_q0 + wg * bq
+        kv_steps = lax.div(q0 + bq + bk - 1, jnp.int32(bk))
+        full_steps = lax.div(q0, jnp.int32(bk))  # key tiles wholly at or below row q0
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), h], qo_smem, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32),
+                              plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((bq, H), 0, jnp.float32), plgpu.Layout.WGMMA)
+        plgpu.barrier_wait(k_bar.at[0])  # every warpgroup has at least one key tile
+        pl.when(wg == 1)(sched_sync)
+
+        def step(j, carry, masked):
+            acc, m, l = carry
+            slot = lax.rem(j, jnp.int32(stages))
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, _t(k_smem.at[slot]))
+                sched_sync()
+                return acc_ref[...]
+            s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = s * (scale * LOG2E)
+            if masked:
+                rows = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
+                cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+                s = jnp.where(rows + q0 >= cols + j * bk, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+            plgpu.barrier_arrive(sched)  # softmax done
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_wait(sched)  # the other warpgroup has issued its matmul
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                nxt = j + 1
+
+                @pl.when(nxt < kv_steps)
+                def _():
+                    plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), (acc, m, l))
+        acc, m, l = lax.fori_loop(full_steps, kv_steps, functools.partial(step, masked=True),
+                                  carry)
+
+        def flush(j, _):
+            # Tiles only the other warpgroup needs: release them and keep the ping-pong.
+            slot = lax.rem(j, jnp.int32(stages))
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            sched_sync()
+            sched_sync()
+        lax.fori_loop(kv_steps, cta_kv_steps, flush, None)
+        pl.when(wg == 0)(sched_sync)
+
+        inv_l = 1.0 / l
+        qo_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
+        lse_smem[...] = m + jnp.log2(l)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[b, pl.ds(q0, bq), h])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        kvh = lax.div(h, jnp.int32(G))
+
+        def load(j, slot):
+            rows = (b, pl.ds(j * bk, bk), kvh)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+        for i in range(stages):
+            pl.when(i < cta_kv_steps)(functools.partial(load, i, i))
+
+        @pl.loop(stages, cta_kv_steps)
+        def _(j):
+            slot = lax.rem(j, jnp.int32(stages))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            load(j, slot)
+
+
+def forward(q, k, v, seg, *, block_q, block_k, interpret=False):
+    """out (B,T,N,H) and the base-2 logsumexp (B,N,T) fp32; T a multiple of both tiles."""
+    if seg is not None or interpret:
+        raise NotImplementedError("mgpu kernels: no segment ids / interpret mode")
+    plgpu = _plgpu()
+    B, T, N, H = q.shape
+    G = N // k.shape[2]
+    bq, bk, stages = block_q // 2, block_k, TUNING["fwd"][2]
+    stages = max(1, min(stages, T // bk))
+    n_q_tiles = T // block_q
+    swizzle = _swizzle()
+    scratch = (
+        (plgpu.SMEM((2, bq, H), q.dtype, transforms=swizzle),
+         plgpu.SMEM((stages, bk, H), q.dtype, transforms=swizzle),
+         plgpu.SMEM((stages, bk, H), q.dtype, transforms=swizzle),
+         plgpu.SMEM((2, bq), jnp.float32)),
+        (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+         plgpu.Barrier(num_barriers=2)),
+        (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+        plgpu.Barrier(num_arrivals=2),
+    )
+    kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, stages=stages, G=G,
+                               n_q_tiles=n_q_tiles, scale=H**-0.5)
+    return plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
+        scratch_types=scratch,
+        grid=(N, B, n_q_tiles),
+        grid_names=("heads", "batch", "q_tile"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, di_ref, smem, bars,
+               consumed, sched, *, bq, bk, stages, G, n_q_tiles, scale, pingpong):
+    """dQ for two warpgroups of bq query rows; also writes delta = rowsum(O * dO), computed
+    from the tiles it loads anyway, for the dk/dv kernel."""
+    plgpu = _plgpu()
+    H = q_ref.shape[-1]
+    dtype = q_ref.dtype
+    b, h = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    q_smem2, do_smem2, lse_smem2, di_smem2, k_smem, v_smem = smem
+    k_bar, v_bar, row_bar, q_bar = bars
+    k_free, v_free = consumed
+    tile = n_q_tiles - 1 - lax.axis_index("q_tile")
+    cta_q0 = tile * (2 * bq)
+    kv_steps = lax.div(cta_q0 + 2 * bq + bk - 1, jnp.int32(bk))  # same range for both groups
+
+    def sched_sync():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+        lse_smem, di_smem = lse_smem2.at[wg], di_smem2.at[wg]
+        q0 = cta_q0 + wg * bq
+        rows = (b, pl.ds(q0, bq), h)
+        # O passes through Q's buffer (shared memory is full): delta first, then Q.
+        plgpu.copy_gmem_to_smem(o_ref.at[rows], q_smem, row_bar.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, row_bar.at[wg])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(q0, bq)], lse_smem, row_bar.at[wg])
+        plgpu.barrier_wait(row_bar.at[wg])
+        o = plgpu.load(q_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        d_o = plgpu.load(do_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+        di = (o * d_o).sum(axis=1)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_bar.at[wg])
+        lse = plgpu.load(lse_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
+        di_smem[...] = di
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(di_smem, di_ref.at[b, h, pl.ds(q0, bq)])
+        plgpu.barrier_wait(q_bar.at[wg])
+        dq = plgpu.layout_cast(jnp.full((bq, H), 0, jnp.float32), plgpu.Layout.WGMMA)
+        full_steps = lax.div(q0, jnp.int32(bk))
+
+        zeros_s = plgpu.layout_cast(jnp.full((bq, bk), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(j, dq, masked):
+            slot = lax.rem(j, jnp.int32(stages))
+            k_s, v_s = k_smem.at[slot], v_smem.at[slot]
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            def s_dp(refs):  # S = Q K^T and dP = dO V^T, issued together
+                s_ref, dp_ref = refs
+                plgpu.wgmma(s_ref, q_smem, _t(k_s))
+                plgpu.wgmma(dp_ref, do_smem, _t(v_s))
+                if pingpong:
+                    sched_sync()
+            s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros_s), plgpu.ACC.init(zeros_s)))
+            plgpu.barrier_arrive(v_free.at[slot])
+            p = jnp.exp2(s * (scale * LOG2E) - lax.broadcast_in_dim(lse, s.shape, [0]))
+            if masked:
+                r = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
+                c = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+                p = jnp.where(r + q0 >= c + j * bk, p, 0.0)
+            ds = (p * (dp - lax.broadcast_in_dim(di, dp.shape, [0]))).astype(dtype)
+            if pingpong:
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(sched)
+
+            def dqk(acc_ref):
+                plgpu.wgmma(acc_ref, ds, k_s)
+            dq = pl.run_state(dqk)(plgpu.ACC.init(dq))
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq
+
+        if pingpong:
+            pl.when(wg == 1)(sched_sync)
+        dq = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), dq)
+        dq = lax.fori_loop(full_steps, kv_steps, functools.partial(step, masked=True), dq)
+        if pingpong:
+            pl.when(wg == 0)(sched_sync)
+        q_smem[...] = (dq * scale).astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        kvh = lax.div(h, jnp.int32(G))
+
+        def load(j, slot):
+            rows = (b, pl.ds(j * bk, bk), kvh)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+
+        for i in range(stages):
+            pl.when(i < kv_steps)(functools.partial(load, i, i))
+
+        @pl.loop(stages, kv_steps)
+        def _(j):
+            slot = lax.rem(j, jnp.int32(stages))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            load(j, slot)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, smem, bars,
+                consumed, sched, *, bq, bk, stages, G, n_q_blocks, scale, pingpong):
+    """Two warpgroups of bk key rows each; both sweep the same query tiles (from the first
+    one that reaches the CTA's keys), so the producer's ring stays in lockstep. With
+    pingpong, a shared barrier alternates them as in the forward."""
+    plgpu = _plgpu()
+    H = q_ref.shape[-1]
+    dtype = q_ref.dtype
+    b, kvh = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    k_smem2, v_smem2, q_smem, do_smem, lse_smem, di_smem = smem
+    kv_bar, q_bar, do_bar, row_bar = bars
+    q_free, do_free = consumed
+    cta_k0 = lax.axis_index("kv_tile") * (2 * bk)  # early keys see the most queries: first
+
+    def sched_sync():
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(sched)
+    first = lax.div(cta_k0, jnp.int32(bq))  # first query tile reaching the CTA's keys
+    n_steps = n_q_blocks - first  # per query head of the group
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        k0 = cta_k0 + wg * bk
+        rows = (b, pl.ds(k0, bk), kvh)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar.at[wg])
+        plgpu.barrier_wait(kv_bar.at[wg])
+        zeros = plgpu.layout_cast(jnp.full((bk, H), 0, jnp.float32), plgpu.Layout.WGMMA)
+        # query tiles [first, unmasked) touch this group's diagonal and are masked
+        unmasked = lax.div(k0 + bk - 1 + bq - 1, jnp.int32(bq))
+
+        zeros_t = plgpu.layout_cast(jnp.full((bk, bq), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(i, carry, g, masked):
+            dk, dv = carry
+            t = g * n_steps + i - first
+            slot = lax.rem(t, jnp.int32(stages))
+            q_s, do_s = q_smem.at[slot], do_smem.at[slot]
+            plgpu.barrier_wait(q_bar.at[slot])
+            plgpu.barrier_wait(do_bar.at[slot])
+
+            def s_dp(refs):  # S^T = K Q^T and dP^T = V dO^T, issued together
+                s_ref, dp_ref = refs
+                plgpu.wgmma(s_ref, k_smem, _t(q_s))
+                plgpu.wgmma(dp_ref, v_smem, _t(do_s))
+                if pingpong:
+                    sched_sync()
+            s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros_t), plgpu.ACC.init(zeros_t)))
+            plgpu.barrier_wait(row_bar.at[slot])
+            lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            di = plgpu.load(di_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+            p_t = jnp.exp2(s_t * (scale * LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+            if masked:
+                r = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
+                c = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
+                p_t = jnp.where(c + i * bq >= r + k0, p_t, 0.0)
+            ds_t = (p_t * (dp_t - lax.broadcast_in_dim(di, dp_t.shape, [1]))).astype(dtype)
+            p_t = p_t.astype(dtype)
+            if pingpong:
+                plgpu.barrier_arrive(sched)
+                plgpu.barrier_wait(sched)
+
+            def dv_dk(refs):  # dV += P^T dO and dK += dS^T Q, issued together
+                dv_ref, dk_ref = refs
+                plgpu.wgmma(dv_ref, p_t, do_s)
+                plgpu.wgmma(dk_ref, ds_t, q_s)
+            dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            plgpu.barrier_arrive(do_free.at[slot])
+            plgpu.barrier_arrive(q_free.at[slot])
+            return dk, dv
+
+        if pingpong:
+            pl.when(wg == 1)(sched_sync)
+        own_first = lax.div(k0, jnp.int32(bq))  # tiles before it are above this group's keys
+
+        def skip(i, _, g):
+            # Waits too: each barrier_wait advances this warpgroup's view of the phase.
+            slot = lax.rem(g * n_steps + i - first, jnp.int32(stages))
+            plgpu.barrier_wait(q_bar.at[slot])
+            plgpu.barrier_wait(do_bar.at[slot])
+            plgpu.barrier_wait(row_bar.at[slot])
+            plgpu.barrier_arrive(do_free.at[slot])
+            plgpu.barrier_arrive(q_free.at[slot])
+            if pingpong:
+                sched_sync()
+                sched_sync()
+
+        carry = (zeros, zeros)
+        for g in range(G):
+            lax.fori_loop(first, own_first, functools.partial(skip, g=g), None)
+            carry = lax.fori_loop(own_first, unmasked,
+                                  functools.partial(step, g=g, masked=True), carry)
+            carry = lax.fori_loop(unmasked, n_q_blocks,
+                                  functools.partial(step, g=g, masked=False), carry)
+        if pingpong:
+            pl.when(wg == 0)(sched_sync)
+        dk, dv = carry
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(t, slot):
+            g = lax.div(t, n_steps)
+            i = first + lax.rem(t, n_steps)
+            h = kvh * G + g
+            rows = (b, pl.ds(i * bq, bq), h)
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
+            cols = (b, h, pl.ds(i * bq, bq))
+            plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], row_bar.at[slot])
+            plgpu.copy_gmem_to_smem(di_ref.at[cols], di_smem.at[slot], row_bar.at[slot])
+
+        total = G * n_steps
+        for i in range(stages):
+            pl.when(i < total)(functools.partial(load, i, i))
+
+        @pl.loop(stages, total)
+        def _(t):
+            slot = lax.rem(t, jnp.int32(stages))
+            plgpu.barrier_wait(q_free.at[slot])
+            plgpu.barrier_wait(do_free.at[slot])
+            load(t, slot)
+
+
+def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False):
+    """Gradients (dq, dk, dv): a dq kernel and a dk/dv kernel (GQA summed in registers)."""
+    if seg is not None or interpret:
+        raise NotImplementedError("mgpu kernels: no segment ids / interpret mode")
+    del block_q, block_k  # the forward's tiles; the backward kernels have their own
+    dq, di = _dq(q, k, v, d_out, out, lse)
+    dk, dv = _dkv(q, k, v, d_out, lse, di)
+    return dq, dk, dv
+
+
+def _swizzle():
+    plgpu = _plgpu()
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _dq(q, k, v, d_out, out, lse):
+    plgpu = _plgpu()
+    B, T, N, H = q.shape
+    G = N // k.shape[2]
+    swz = _swizzle()
+    bq, bk, stages = TUNING["dq"]
+    stages = max(1, min(stages, T // bk))
+    return plgpu.kernel(
+        functools.partial(_dq_kernel, bq=bq, bk=bk, stages=stages, G=G,
+                          n_q_tiles=T // (2 * bq), scale=H**-0.5,
+                          pingpong=TUNING["dq_pingpong"]),
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
+        scratch_types=(
+            (plgpu.SMEM((2, bq, H), q.dtype, transforms=swz),
+             plgpu.SMEM((2, bq, H), q.dtype, transforms=swz),
+             plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
+             plgpu.SMEM((stages, bk, H), q.dtype, transforms=swz),
+             plgpu.SMEM((stages, bk, H), q.dtype, transforms=swz)),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_arrivals=3, num_barriers=2),  # O, dO, lse copies
+             plgpu.Barrier(num_barriers=2)),  # Q
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+        ),
+        grid=(N, B, T // (2 * bq)),
+        grid_names=("heads", "batch", "q_tile"),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, d_out, out, lse)
+
+
+def _dkv(q, k, v, d_out, lse, di):
+    plgpu = _plgpu()
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    swz = _swizzle()
+    bk, bq, stages = TUNING["dkv"]
+    stages = max(1, min(stages, T // bq))
+    return plgpu.kernel(
+        functools.partial(_dkv_kernel, bq=bq, bk=bk, stages=stages, G=N // K,
+                          n_q_blocks=T // bq, scale=H**-0.5,
+                          pingpong=TUNING["dkv_pingpong"]),
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        scratch_types=(
+            (plgpu.SMEM((2, bk, H), q.dtype, transforms=swz),
+             plgpu.SMEM((2, bk, H), q.dtype, transforms=swz),
+             plgpu.SMEM((stages, bq, H), q.dtype, transforms=swz),
+             plgpu.SMEM((stages, bq, H), q.dtype, transforms=swz),
+             plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=2),  # k and v copies
+             plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_arrivals=2, num_barriers=stages)),  # lse and delta copies
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+        ),
+        grid=(K, B, T // (2 * bk)),
+        grid_names=("heads", "batch", "kv_tile"),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, d_out, lse, di)
