@@ -49,6 +49,33 @@ def _t(ref):
     return ref.transpose((1, 0))
 
 
+def _produce(load, total, stages, free):
+    """The producer warpgroup's loop: fill the ring, then refill a slot once both consumers
+    have released it (`free` barriers). load(step, slot) issues that step's TMA copies."""
+    plgpu = _plgpu()
+    plgpu.set_max_registers(40, action="decrease")
+    for i in range(stages):
+        pl.when(i < total)(functools.partial(load, i, i))
+
+    @pl.loop(stages, total)
+    def _(j):
+        slot = lax.rem(j, jnp.int32(stages))
+        for bar in free:
+            plgpu.barrier_wait(bar.at[slot])
+        load(j, slot)
+
+
+def _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, kvh, bk):
+    """load(step, slot) for K/V tiles of bk rows of kv head kvh, batch b."""
+    plgpu = _plgpu()
+
+    def load(j, slot):
+        rows = (b, pl.ds(j * bk, bk), kvh)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
+    return load
+
+
 def block_sizes(T: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
     """(CTA query rows, key rows): the padding unit of `flash_attention`."""
     del T
@@ -156,23 +183,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
 
     @pl.when(wg == 2)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
-        kvh = lax.div(h, jnp.int32(G))
-
-        def load(j, slot):
-            rows = (b, pl.ds(j * bk, bk), kvh)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
-
-        for i in range(stages):
-            pl.when(i < cta_kv_steps)(functools.partial(load, i, i))
-
-        @pl.loop(stages, cta_kv_steps)
-        def _(j):
-            slot = lax.rem(j, jnp.int32(stages))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            load(j, slot)
+        load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, lax.div(h, jnp.int32(G)), bk)
+        _produce(load, cta_kv_steps, stages, (k_free, v_free))
 
 
 def forward(q, k, v, seg, *, block_q, block_k, interpret=False):
@@ -300,23 +312,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, di_ref, smem
 
     @pl.when(wg == 2)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
-        kvh = lax.div(h, jnp.int32(G))
-
-        def load(j, slot):
-            rows = (b, pl.ds(j * bk, bk), kvh)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bar.at[slot])
-
-        for i in range(stages):
-            pl.when(i < kv_steps)(functools.partial(load, i, i))
-
-        @pl.loop(stages, kv_steps)
-        def _(j):
-            slot = lax.rem(j, jnp.int32(stages))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            load(j, slot)
+        load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, lax.div(h, jnp.int32(G)), bk)
+        _produce(load, kv_steps, stages, (k_free, v_free))
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, smem, bars,
@@ -428,8 +425,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
 
     @pl.when(wg == 2)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
-
         def load(t, slot):
             g = lax.div(t, n_steps)
             i = first + lax.rem(t, n_steps)
@@ -441,16 +436,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
             plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], row_bar.at[slot])
             plgpu.copy_gmem_to_smem(di_ref.at[cols], di_smem.at[slot], row_bar.at[slot])
 
-        total = G * n_steps
-        for i in range(stages):
-            pl.when(i < total)(functools.partial(load, i, i))
-
-        @pl.loop(stages, total)
-        def _(t):
-            slot = lax.rem(t, jnp.int32(stages))
-            plgpu.barrier_wait(q_free.at[slot])
-            plgpu.barrier_wait(do_free.at[slot])
-            load(t, slot)
+        _produce(load, G * n_steps, stages, (q_free, do_free))
 
 
 def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False):
