@@ -49,6 +49,13 @@ def _t(ref):
     return ref.transpose((1, 0))
 
 
+def _meet(barrier):
+    """Both consumer warpgroups reach this point (a 2-arrival barrier)."""
+    plgpu = _plgpu()
+    plgpu.barrier_arrive(barrier)
+    plgpu.barrier_wait(barrier)
+
+
 def _produce(load, total, stages, free):
     """The producer warpgroup's loop: fill the ring, then refill a slot once both consumers
     have released it (`free` barriers). load(step, slot) issues that step's TMA copies."""
@@ -102,9 +109,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
     cta_q0 = tile * (2 * bq)
     cta_kv_steps = lax.div(cta_q0 + 2 * bq + bk - 1, jnp.int32(bk))
 
-    def sched_sync():
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+    sched_sync = functools.partial(_meet, sched)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -239,9 +244,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, di_ref, smem
     cta_q0 = tile * (2 * bq)
     kv_steps = lax.div(cta_q0 + 2 * bq + bk - 1, jnp.int32(bk))  # same range for both groups
 
-    def sched_sync():
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+    sched_sync = functools.partial(_meet, sched)
 
     @pl.when(wg < 2)
     def _consumer():
@@ -331,9 +334,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
     q_free, do_free = consumed
     cta_k0 = lax.axis_index("kv_tile") * (2 * bk)  # early keys see the most queries: first
 
-    def sched_sync():
-        plgpu.barrier_arrive(sched)
-        plgpu.barrier_wait(sched)
+    sched_sync = functools.partial(_meet, sched)
     first = lax.div(cta_k0, jnp.int32(bq))  # first query tile reaching the CTA's keys
     n_steps = n_q_blocks - first  # per query head of the group
 
