@@ -19,6 +19,7 @@ import json
 import os
 import runpy
 import statistics
+import sys
 import time
 
 import jax
@@ -80,14 +81,22 @@ def build(config_path: str, seq: int, overrides: str):
     return compiled, state, batch, c
 
 
+def _progress(t0: float, what: str) -> None:
+    """A line on stderr as each phase ends: a run cut off by a time limit shows where it was
+    (building/compiling, or a step that does not finish)."""
+    print(f"[{time.perf_counter() - t0:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -> dict:
     t0 = time.perf_counter()
     compiled, state, batch, c = build(config_path, seq, overrides)
     compile_s = time.perf_counter() - t0
+    _progress(t0, f"state built and step compiled ({overrides})")
     B, T = c.train.global_batch_size, seq
-    for _ in range(warmup):
+    for i in range(warmup):
         state, m = compiled(state, batch())
-    jax.block_until_ready(m)
+        jax.block_until_ready(m)
+        _progress(t0, f"warm-up step {i + 1} done")
     times = []
     for _ in range(steps):
         b = batch()
