@@ -128,7 +128,17 @@ def main():
     ap.add_argument("--variant", action="append", default=None,
                     help="name:key=value,... (repeatable); default: b8")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--gpu-pallas-kernels", choices=("gpu", "mgpu"), default=None,
+                    help="kernels behind model.attention=pallas on GPUs: gpu (Triton lowering, "
+                         "the default) or mgpu (Mosaic GPU, Hopper; docs/kernels.md)")
     args = ap.parse_args()
+    if args.gpu_pallas_kernels:
+        from kernels import attention as kernels_attention
+
+        default = kernels_attention.default_backend
+        kernels_attention.default_backend = lambda: (
+            args.gpu_pallas_kernels if kernels_attention.current_platform() == "gpu"
+            else default())
     variants = args.variant or ["b8:train.global_batch_size=8"]
     device = jax.devices()[0]
     header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
