@@ -4,8 +4,8 @@
 multiple of K, so K/V are never repeated in memory), pads T to the block, and runs the
 Mosaic TPU kernels (`flash_attention_tpu`), the Triton-lowered GPU kernels
 (`flash_attention_gpu`) or the Hopper Mosaic GPU kernels (`flash_attention_mgpu`) under one
-`jax.custom_vjp`. `reference_attention` is the plain-JAX
-definition the kernels are tested against. bf16 in, fp32 softmax statistics and
+`jax.custom_vjp`. `reference_attention` is the plain-JAX definition the kernels are tested
+against. bf16 in, fp32 softmax statistics and
 accumulation, softmax scale 1/sqrt(H).
 """
 
@@ -94,8 +94,9 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, backend: str
 
     backend: "tpu", "gpu" (Triton lowering, any CUDA GPU) or "mgpu" (Mosaic GPU, Hopper;
     bf16 without segment ids, else it falls back to "gpu"); default: the platform being
-    compiled for. interpret: run the kernels in Pallas interpret mode (CPU tests). block_q/block_k: tile sizes (defaults per
-    backend; on TPU for all three kernels, on GPU for the forward, the backward has its own).
+    compiled for. interpret: run the kernels in Pallas interpret mode (CPU tests).
+    block_q/block_k: tile sizes (defaults per backend; on TPU for all three kernels, on GPU
+    for the forward, the backward has its own).
     Any T works: q/k/v are zero-padded to the block; causality keeps the padded keys away
     from the real queries, and the padded rows are dropped.
     """

@@ -188,7 +188,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
 
     @pl.when(wg == 2)
     def _producer():
-        load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, lax.div(h, jnp.int32(G)), bk)
+        kvh = lax.div(h, jnp.int32(G))
+        load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, kvh, bk)
         _produce(load, cta_kv_steps, stages, (k_free, v_free))
 
 
@@ -215,17 +216,10 @@ def forward(q, k, v, seg, *, block_q, block_k, interpret=False):
     )
     kernel = functools.partial(_fwd_kernel, bq=bq, bk=bk, stages=stages, G=G,
                                n_q_tiles=n_q_tiles, scale=H**-0.5)
-    return plgpu.kernel(
-        kernel,
-        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
-        scratch_types=scratch,
-        grid=(N, B, n_q_tiles),
-        grid_names=("heads", "batch", "q_tile"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v)
+    out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((B, N, T), jnp.float32))
+    return _launch(kernel, out_type, scratch, (N, B, n_q_tiles),
+                   ("heads", "batch", "q_tile"))(q, k, v)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, di_ref, smem, bars,
@@ -293,8 +287,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, di_ref, smem
                 p = jnp.where(r + q0 >= c + j * bk, p, 0.0)
             ds = (p * (dp - lax.broadcast_in_dim(di, dp.shape, [0]))).astype(dtype)
             if pingpong:
-                plgpu.barrier_arrive(sched)
-                plgpu.barrier_wait(sched)
+                sched_sync()
 
             def dqk(acc_ref):
                 plgpu.wgmma(acc_ref, ds, k_s)
@@ -315,7 +308,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, di_ref, smem
 
     @pl.when(wg == 2)
     def _producer():
-        load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, lax.div(h, jnp.int32(G)), bk)
+        kvh = lax.div(h, jnp.int32(G))
+        load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, kvh, bk)
         _produce(load, kv_steps, stages, (k_free, v_free))
 
 
@@ -379,8 +373,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
             ds_t = (p_t * (dp_t - lax.broadcast_in_dim(di, dp_t.shape, [1]))).astype(dtype)
             p_t = p_t.astype(dtype)
             if pingpong:
-                plgpu.barrier_arrive(sched)
-                plgpu.barrier_wait(sched)
+                sched_sync()
 
             def dv_dk(refs):  # dV += P^T dO and dK += dS^T Q, issued together
                 dv_ref, dk_ref = refs
@@ -455,6 +448,14 @@ def _swizzle():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def _launch(kernel, out_type, scratch, grid, grid_names):
+    """A CTA of three warpgroups ("wg" 0, 1: consumers; 2: producer) per grid point."""
+    plgpu = _plgpu()
+    return plgpu.kernel(kernel, out_type=out_type, scratch_types=scratch, grid=grid,
+                        grid_names=grid_names, num_threads=3, thread_name="wg",
+                        compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
 def _dq(q, k, v, d_out, out, lse):
     plgpu = _plgpu()
     B, T, N, H = q.shape
@@ -462,13 +463,12 @@ def _dq(q, k, v, d_out, out, lse):
     swz = _swizzle()
     bq, bk, stages = TUNING["dq"]
     stages = max(1, min(stages, T // bk))
-    return plgpu.kernel(
+    return _launch(
         functools.partial(_dq_kernel, bq=bq, bk=bk, stages=stages, G=G,
                           n_q_tiles=T // (2 * bq), scale=H**-0.5,
                           pingpong=TUNING["dq_pingpong"]),
-        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
-        scratch_types=(
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, T), jnp.float32)),
+        (
             (plgpu.SMEM((2, bq, H), q.dtype, transforms=swz),
              plgpu.SMEM((2, bq, H), q.dtype, transforms=swz),
              plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
@@ -480,10 +480,7 @@ def _dq(q, k, v, d_out, out, lse):
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
         ),
-        grid=(N, B, T // (2 * bq)),
-        grid_names=("heads", "batch", "q_tile"),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        (N, B, T // (2 * bq)), ("heads", "batch", "q_tile"),
     )(q, k, v, d_out, out, lse)
 
 
@@ -494,12 +491,12 @@ def _dkv(q, k, v, d_out, lse, di):
     swz = _swizzle()
     bk, bq, stages = TUNING["dkv"]
     stages = max(1, min(stages, T // bq))
-    return plgpu.kernel(
+    return _launch(
         functools.partial(_dkv_kernel, bq=bq, bk=bk, stages=stages, G=N // K,
                           n_q_blocks=T // bq, scale=H**-0.5,
                           pingpong=TUNING["dkv_pingpong"]),
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        scratch_types=(
+        (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        (
             (plgpu.SMEM((2, bk, H), q.dtype, transforms=swz),
              plgpu.SMEM((2, bk, H), q.dtype, transforms=swz),
              plgpu.SMEM((stages, bq, H), q.dtype, transforms=swz),
@@ -511,8 +508,5 @@ def _dkv(q, k, v, d_out, lse, di):
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
         ),
-        grid=(K, B, T // (2 * bk)),
-        grid_names=("heads", "batch", "kv_tile"),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        (K, B, T // (2 * bk)), ("heads", "batch", "kv_tile"),
     )(q, k, v, d_out, lse, di)
