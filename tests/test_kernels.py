@@ -173,11 +173,11 @@ def test_auto_attention_and_config_checks():
     config_lib.validate(c, 8)
 
 
-def _mosaic_gpu_calls(f, *args):
-    """Lowers f for CUDA on this CPU host (Pallas -> Mosaic GPU, shared-memory budget
-    included) and counts the Mosaic GPU kernels in the module."""
+def _gpu_kernel_calls(f, *args, target="mosaic_gpu"):
+    """Lowers f for CUDA on this CPU host (Pallas -> Mosaic GPU or Triton; for Mosaic GPU the
+    shared-memory budget included) and counts the kernels with that custom-call target."""
     lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
-    return lowered.as_text().count("stablehlo.custom_call @mosaic_gpu")
+    return lowered.as_text().count(f"stablehlo.custom_call @{target}")
 
 
 @pytest.mark.parametrize("B,T,N,K,H", [(2, 1000, 8, 2, 128), (2, 512, 4, 4, 64),
@@ -193,10 +193,12 @@ def test_mosaic_gpu_kernels_lower_for_hopper(B, T, N, K, H):
     def fwd_bwd(q, k, v):
         out, vjp = jax.vjp(lambda *a: flash_attention(*a, backend="mgpu"), q, k, v)
         return out, vjp(out)
-    assert _mosaic_gpu_calls(fwd_bwd, q, kv, kv) == 3
+    assert _gpu_kernel_calls(fwd_bwd, q, kv, kv) == 3
 
 
-def test_mosaic_gpu_forward_is_saved_under_the_models_remat_policy():
+@pytest.mark.parametrize("backend,target", [("mgpu", "mosaic_gpu"),
+                                            ("gpu", "__gpu$xla.gpu.triton")])
+def test_kernel_forward_is_saved_under_the_models_remat_policy(backend, target):
     """With remat 'dots' the backward reuses the kernel's output and logsumexp (3 kernels);
     saving nothing re-runs the forward (4)."""
     from olmo2_jax import model
@@ -204,11 +206,12 @@ def test_mosaic_gpu_forward_is_saved_under_the_models_remat_policy():
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
 
     def grad_with(policy):
-        attn = jax.checkpoint(lambda q: flash_attention(q, q, q, backend="mgpu").sum(),
+        attn = jax.checkpoint(lambda q: flash_attention(q, q, q, backend=backend).sum(),
                               policy=policy)
         return jax.value_and_grad(attn)
-    assert _mosaic_gpu_calls(grad_with(model._save_dots_and_attention), q) == 3
-    assert _mosaic_gpu_calls(grad_with(jax.checkpoint_policies.nothing_saveable), q) == 4
+    assert _gpu_kernel_calls(grad_with(model._save_dots_and_attention), q, target=target) == 3
+    assert _gpu_kernel_calls(grad_with(jax.checkpoint_policies.nothing_saveable), q,
+                             target=target) == 4
 
 
 def test_mosaic_gpu_backend_falls_back_where_it_does_not_apply():
