@@ -86,16 +86,18 @@ def causal_flops(B, T, N, H):
     return 2 * 2 * B * N * T * T * H / 2
 
 
+def rel_err(a, b):
+    """max |a - b| / max |b|, in fp32."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
 def check(shape, impl="pallas"):
     """Max |ours - cuDNN| for out, dq, dk, dv, relative to max |cuDNN|."""
     q, k, v, do = inputs(*shape, seed=1)
     ours = jax.jit(fwd_bwd_fn(impl))(q, k, v, do)
     ref = jax.jit(fwd_bwd_fn("cudnn"))(q, k, v, do)
-    errs = {}
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        errs[name] = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-    return errs
+    return {name: rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref)}
 
 
 def sweep(B, T, N, K, H, impl="pallas"):

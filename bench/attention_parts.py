@@ -15,15 +15,9 @@ import argparse
 import json
 
 import jax
-import jax.numpy as jnp
 
-from bench.attention import inputs, time_fn
+from bench.attention import inputs, rel_err, time_fn
 from kernels import flash_attention, flash_attention_mgpu as fm, reference_attention
-
-
-def rel_err(a, b):
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
 def check(B, T, N, K, H):
