@@ -5,7 +5,7 @@
 
 B=8, T=4096, 16 heads, head_dim 128, bf16. "hw TFLOP/s" counts the matmuls each kernel
 really runs (causal): forward 2, dq 3 (QK^T, dO V^T, dS K), dk/dv 4 (KQ^T, V dO^T, P^T dO,
-dS^T Q), each 2*B*N*T*T*H/2 FLOPs. Kernels that hang would stall here: run it under
+dS^T Q), the fused backward 5 (dk/dv's and dS K), each 2*B*N*T*T*H/2 FLOPs. Kernels that hang would stall here: run it under
 `timeout`.
 """
 
@@ -36,31 +36,38 @@ def main():
     args = ap.parse_args()
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "check": {},
               "parts": []}
-    for shape in ((1, 256, 2, 2, 128), (2, 1000, 8, 2, 128), (2, 512, 4, 4, 64)):
-        result["check"]["B{}_T{}_N{}_K{}_H{}".format(*shape)] = errs = check(*shape)
-        print("check vs reference", shape, errs, flush=True)
+    for bwd in ("two_kernel", "fused"):
+        fm.TUNING["bwd"] = bwd
+        for shape in ((1, 256, 2, 2, 128), (2, 1000, 8, 2, 128), (2, 512, 4, 4, 64)):
+            key = "{}_B{}_T{}_N{}_K{}_H{}".format(bwd, *shape)
+            result["check"][key] = errs = check(*shape)
+            print("check vs reference", key, errs, flush=True)
+    fm.TUNING["bwd"] = "two_kernel"
     B, T, N, K, H = 8, 4096, 16, 16, 128
     q, k, v, do = inputs(B, T, N, K, H)
     m1 = 2 * B * N * T * T * H / 2
     out, lse = jax.jit(lambda *a: fm.forward(*a, None, block_q=128, block_k=128))(q, k, v)
     _, di = jax.jit(fm._dq)(q, k, v, do, out, lse)
-    plan = [("fwd", 2, [(64, 128, 2), (64, 64, 2)],
+    plan = [("fwd", "fwd", 2, [(64, 128, 2), (64, 64, 2)],
              lambda: jax.jit(lambda *a: fm.forward(*a, None, block_q=128,
                                                   block_k=fm.TUNING["fwd"][1])), (q, k, v)),
-            ("dq", 3, [(64, 64, 2), (64, 128, 2)], lambda: jax.jit(fm._dq),
+            ("dq", "dq", 3, [(64, 64, 2), (64, 128, 2)], lambda: jax.jit(fm._dq),
              (q, k, v, do, out, lse)),
-            ("dkv", 4, [(64, 64, 2), (64, 64, 3)], lambda: jax.jit(fm._dkv),
-             (q, k, v, do, lse, di))]
-    for kind, n_mm, tiles, make, operands in plan:
+            ("dkv", "dkv", 4, [(64, 64, 2), (64, 64, 3)], lambda: jax.jit(fm._dkv),
+             (q, k, v, do, lse, di)),
+            # the fused backward (delta, one kernel, the fp32 dQ cast) against dq + dk/dv
+            ("bwd_fused", "dkv", 5, [(64, 64, 2)], lambda: jax.jit(fm._bwd_fused),
+             (q, k, v, do, out, lse))]
+    for label, kind, n_mm, tiles, make, operands in plan:
         default = fm.TUNING[kind]
         for tile in tiles:
             fm.TUNING[kind] = tile
             try:
                 t = time_fn(make(), operands)
-                row = {"kernel": kind, "tiles": tile, "ms": t * 1e3,
+                row = {"kernel": label, "tiles": tile, "ms": t * 1e3,
                        "hw_tflops": n_mm * m1 / t / 1e12}
             except Exception as e:  # e.g. a tile that exceeds shared memory
-                row = {"kernel": kind, "tiles": tile, "error": str(e).splitlines()[0][:200]}
+                row = {"kernel": label, "tiles": tile, "error": str(e).splitlines()[0][:200]}
             result["parts"].append(row)
             print(row, flush=True)
         fm.TUNING[kind] = default

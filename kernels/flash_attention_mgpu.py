@@ -35,7 +35,9 @@ LOG2E = math.log2(math.e)
 # Chosen by the H200 sweeps of bench/attention.py and bench/attention_parts.py
 # (docs/kernels.md); 64 rows per warpgroup keep the fp32 accumulators within 232 registers.
 TUNING = {"fwd": (64, 128, 2), "dq": (64, 64, 2), "dkv": (64, 64, 2),
-          "dq_pingpong": False, "dkv_pingpong": False}
+          "dq_pingpong": False, "dkv_pingpong": False, "bwd": "two_kernel"}
+# bwd: "two_kernel" (dq kernel + dk/dv kernel) or "fused" (one kernel, dQ added in fp32 with
+# TMA reduce-add; uses the "dkv" tiles).
 
 
 def _plgpu():
@@ -438,6 +440,8 @@ def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False
     if seg is not None or interpret:
         raise NotImplementedError("mgpu kernels: no segment ids / interpret mode")
     del block_q, block_k  # the forward's tiles; the backward kernels have their own
+    if TUNING["bwd"] == "fused":
+        return _bwd_fused(q, k, v, d_out, out, lse)
     dq, di = _dq(q, k, v, d_out, out, lse)
     dk, dv = _dkv(q, k, v, d_out, lse, di)
     return dq, dk, dv
@@ -510,3 +514,186 @@ def _dkv(q, k, v, d_out, lse, di):
         ),
         (K, B, T // (2 * bk)), ("heads", "batch", "kv_tile"),
     )(q, k, v, d_out, lse, di)
+
+
+def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, dk_ref, dv_ref,
+                      *, bq, bk, stages, G, n_q_blocks, scale):
+    """dK, dV and dQ in one pass (5 matmuls per tile instead of the two kernels' 7).
+
+    As `_dkv_kernel`, plus per query tile: each warpgroup stores its dS^T tile (bf16) to
+    shared memory, the two warpgroups meet on a barrier, and warpgroup w forms columns
+    [64w, 64w + 64) of dQ = dS K from both dS^T tiles and both K tiles, then adds them into
+    the fp32 dQ buffer in global memory with a TMA reduce-add."""
+    plgpu = _plgpu()
+    H = q_ref.shape[-1]
+    split = H >= 128  # dQ's columns split over the groups (a 64-column tile each), else
+    hh = H // 2 if split else H  # each group adds its own keys' share of all columns
+    dtype = q_ref.dtype
+    swz = _swizzle()
+    swz32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+    b, kvh = lax.axis_index("batch"), lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+    cta_k0 = lax.axis_index("kv_tile") * (2 * bk)  # early keys see the most queries: first
+    first = lax.div(cta_k0, jnp.int32(bq))
+    n_steps = n_q_blocks - first
+
+    def body(k_smem2, v_smem2, q_smem, do_smem, lse_smem, di_smem, ds_smem, dq_smem,
+             kv_bar, q_bar, do_bar, row_bar, q_free, do_free, ds_ready):
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            k0 = cta_k0 + wg * bk
+            rows = (b, pl.ds(k0, bk), kvh)
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar.at[wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar.at[wg])
+            plgpu.barrier_wait(kv_bar.at[wg])
+            # the other group's K too: dQ's columns need all of the CTA's keys
+            plgpu.barrier_wait(kv_bar.at[1 - wg])
+            zeros = plgpu.layout_cast(jnp.full((bk, H), 0, jnp.float32), plgpu.Layout.WGMMA)
+            zeros_t = plgpu.layout_cast(jnp.full((bk, bq), 0, jnp.float32), plgpu.Layout.WGMMA)
+            unmasked = lax.div(k0 + bk - 1 + bq - 1, jnp.int32(bq))
+
+            def dq_columns(half, i, buf, g):
+                def mm(acc_ref):
+                    for u in range(2):
+                        plgpu.wgmma(acc_ref, _t(ds_smem.at[buf, u]),
+                                    k_smem2.at[u, :, pl.ds(half * hh, hh)])
+                    return acc_ref[...]
+                dq = pl.run_scoped(mm, plgpu.ACC((bq, hh), jnp.float32))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dq_smem free again
+                dq_smem.at[half][...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    dq_smem.at[half],
+                    dq_acc_ref.at[b, pl.ds(i * bq, bq), kvh * G + g, pl.ds(half * hh, hh)],
+                    reduction_op="add")
+
+            def step(i, carry, g, masked):
+                dk, dv = carry
+                t = g * n_steps + i - first
+                slot = lax.rem(t, jnp.int32(stages))
+                buf = lax.rem(t, jnp.int32(2))
+                q_s, do_s = q_smem.at[slot], do_smem.at[slot]
+                plgpu.barrier_wait(q_bar.at[slot])
+                plgpu.barrier_wait(do_bar.at[slot])
+
+                def s_dp(refs):
+                    s_ref, dp_ref = refs
+                    plgpu.wgmma(s_ref, k_smem, _t(q_s))
+                    plgpu.wgmma(dp_ref, v_smem, _t(do_s))
+                s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros_t),
+                                                 plgpu.ACC.init(zeros_t)))
+                plgpu.barrier_wait(row_bar.at[slot])
+                lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                di = plgpu.load(di_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                p_t = jnp.exp2(s_t * (scale * LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                if masked:
+                    r = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
+                    c = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
+                    p_t = jnp.where(c + i * bq >= r + k0, p_t, 0.0)
+                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(di, dp_t.shape, [1]))).astype(dtype)
+                p_t = p_t.astype(dtype)
+                ds_smem.at[buf, wg][...] = ds_t
+                plgpu.commit_smem()
+
+                def dv_dk(refs):
+                    dv_ref, dk_ref = refs
+                    plgpu.wgmma(dv_ref, p_t, do_s)
+                    plgpu.wgmma(dk_ref, ds_t, q_s)
+                dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_arrive(q_free.at[slot])
+                if split:
+                    _meet(ds_ready)  # both dS^T tiles of this step are stored
+                    for half in range(2):
+                        pl.when(wg == half)(functools.partial(dq_columns, half, i, buf, g))
+                else:
+                    dq_own(i, buf, g)
+                return dk, dv
+
+            def dq_own(i, buf, g):
+                def mm(acc_ref):
+                    plgpu.wgmma(acc_ref, _t(ds_smem.at[buf, wg]), k_smem)
+                    return acc_ref[...]
+                dq = pl.run_scoped(mm, plgpu.ACC((bq, H), jnp.float32))
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                dq_smem.at[wg][...] = dq
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(dq_smem.at[wg],
+                                        dq_acc_ref.at[b, pl.ds(i * bq, bq), kvh * G + g],
+                                        reduction_op="add")
+
+            carry = (zeros, zeros)
+            for g in range(G):
+                carry = lax.fori_loop(first, unmasked,
+                                      functools.partial(step, g=g, masked=True), carry)
+                carry = lax.fori_loop(unmasked, n_q_blocks,
+                                      functools.partial(step, g=g, masked=False), carry)
+            dk, dv = carry
+            if split:  # the other group's last dQ has read this group's K: reuse its buffer
+                _meet(ds_ready)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            k_smem[...] = (dk * scale).astype(dtype)
+            v_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            def load(t, slot):
+                g = lax.div(t, n_steps)
+                i = first + lax.rem(t, n_steps)
+                h = kvh * G + g
+                rows = (b, pl.ds(i * bq, bq), h)
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
+                cols = (b, h, pl.ds(i * bq, bq))
+                plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], row_bar.at[slot])
+                plgpu.copy_gmem_to_smem(di_ref.at[cols], di_smem.at[slot], row_bar.at[slot])
+
+            _produce(load, G * n_steps, stages, (q_free, do_free))
+
+    pl.run_scoped(
+        body,
+        plgpu.SMEM((2, bk, H), dtype, transforms=swz),
+        plgpu.SMEM((2, bk, H), dtype, transforms=swz),
+        plgpu.SMEM((stages, bq, H), dtype, transforms=swz),
+        plgpu.SMEM((stages, bq, H), dtype, transforms=swz),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((stages, bq), jnp.float32),
+        plgpu.SMEM((2, 2, bk, bq), dtype, transforms=swz),  # dS^T: [step parity, group]
+        plgpu.SMEM((2, bq, hh), jnp.float32, transforms=swz32),  # dQ tile per group
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # k and v copies per group
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # lse and delta copies
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=2),
+        collective_axes="wg",
+    )
+
+
+def _bwd_fused(q, k, v, d_out, out, lse):
+    """(dq, dk, dv) from one kernel; dQ accumulates in fp32 and is cast once at the end."""
+    plgpu = _plgpu()
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    bk, bq, stages = TUNING["dkv"]
+    stages = max(1, min(stages, T // bq))
+    di = jnp.einsum("BTNH,BTNH->BNT", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    dq_acc = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    mesh = plgpu.Mesh(grid=(K, B, T // (2 * bk)), grid_names=("heads", "batch", "kv_tile"),
+                      num_threads=3, thread_name="wg")
+    dk, dv = pl.kernel(
+        functools.partial(_bwd_fused_kernel, bq=bq, bk=bk, stages=stages, G=N // K,
+                          n_q_blocks=T // bq, scale=H**-0.5),
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        mesh=mesh,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, d_out, lse, di, dq_acc)
+    dq = (dq_acc[...] * H**-0.5).astype(q.dtype)
+    return dq, dk, dv

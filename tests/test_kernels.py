@@ -196,6 +196,22 @@ def test_mosaic_gpu_kernels_lower_for_hopper(B, T, N, K, H):
     assert _gpu_kernel_calls(fwd_bwd, q, kv, kv) == 3
 
 
+@pytest.mark.parametrize("B,T,N,K,H", [(2, 1000, 8, 2, 128), (2, 512, 4, 4, 64)])
+def test_mosaic_gpu_fused_backward_lowers_for_hopper(B, T, N, K, H, monkeypatch):
+    """The one-kernel backward (dQ by TMA reduce-add into an fp32 buffer): forward + one
+    backward kernel."""
+    from kernels import flash_attention_mgpu
+
+    monkeypatch.setitem(flash_attention_mgpu.TUNING, "bwd", "fused")
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
+
+    def fwd_bwd(q, k, v):
+        out, vjp = jax.vjp(lambda *a: flash_attention(*a, backend="mgpu"), q, k, v)
+        return out, vjp(out)
+    assert _gpu_kernel_calls(fwd_bwd, q, kv, kv) == 2
+
+
 @pytest.mark.parametrize("backend,target", [("mgpu", "mosaic_gpu"),
                                             ("gpu", "__gpu$xla.gpu.triton")])
 def test_kernel_forward_is_saved_under_the_models_remat_policy(backend, target):
