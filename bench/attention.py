@@ -142,7 +142,11 @@ def main():
     ap.add_argument("--impls", default="mgpu,pallas,cudnn,xla",
                     help="comma list of mgpu, pallas, cudnn, xla (ours are swept and checked)")
     ap.add_argument("--seq", default="4096,16384", help="sequence lengths of the table")
+    ap.add_argument("--mgpu-bwd", choices=("two_kernel", "fused"),
+                    help="the Mosaic GPU backward to use (default: TUNING's)")
     args = ap.parse_args()
+    if args.mgpu_bwd:
+        flash_attention_mgpu.TUNING["bwd"] = args.mgpu_bwd
     impls = args.impls.split(",")
     ours = [i for i in impls if i in BACKEND]
     dev = jax.devices()[0]

@@ -5,18 +5,20 @@
 
 B=8, T=4096, 16 heads, head_dim 128, bf16. "hw TFLOP/s" counts the matmuls each kernel
 really runs (causal): forward 2, dq 3 (QK^T, dO V^T, dS K), dk/dv 4 (KQ^T, V dO^T, P^T dO,
-dS^T Q), the fused backward 5 (dk/dv's and dS K), each 2*B*N*T*T*H/2 FLOPs. Kernels that hang would stall here: run it under
-`timeout`.
+dS^T Q), the fused backward 5 (dk/dv's and dS K), each 2*B*N*T*T*H/2 FLOPs. The "chain_*"
+rows run forward + backward in one jit (two-kernel, fused, and cuDNN's for comparison) and
+count the credited 2 + 5 matmuls. Kernels that hang would stall here: run it under `timeout`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import jax
 
-from bench.attention import inputs, rel_err, time_fn
+from bench.attention import fwd_bwd_fn, inputs, rel_err, time_fn
 from kernels import flash_attention, flash_attention_mgpu as fm, reference_attention
 
 
@@ -30,13 +32,31 @@ def check(B, T, N, K, H):
     return errs
 
 
+def _chain(bwd):
+    """Forward + backward kernels in one program, as the training step runs them."""
+    def f(q, k, v, do):
+        out, lse = fm.forward(q, k, v, None, block_q=128, block_k=128)
+        if bwd == "fused":
+            return (out, *fm._bwd_fused(q, k, v, do, out, lse))
+        dq, di = fm._dq(q, k, v, do, out, lse)
+        return (out, dq, *fm._dkv(q, k, v, do, lse, di))
+    return f
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="attention_parts.json")
+    ap.add_argument("--kernels",
+                    default="fwd,dq,dkv,bwd_fused,chain_two_kernel,chain_fused,chain_cudnn",
+                    help="comma list of the kernels to check and time")
     args = ap.parse_args()
-    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "check": {},
+    wanted = args.kernels.split(",")
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "check": {},
               "parts": []}
-    for bwd in ("two_kernel", "fused"):
+    for bwd in [b for b, ks in (("two_kernel", {"dq", "dkv", "chain_two_kernel"}),
+                                   ("fused", {"bwd_fused", "chain_fused"}))
+                if ks & set(wanted)]:
         fm.TUNING["bwd"] = bwd
         for shape in ((1, 256, 2, 2, 128), (2, 1000, 8, 2, 128), (2, 512, 4, 4, 64)):
             key = "{}_B{}_T{}_N{}_K{}_H{}".format(bwd, *shape)
@@ -57,8 +77,14 @@ def main():
              (q, k, v, do, lse, di)),
             # the fused backward (delta, one kernel, the fp32 dQ cast) against dq + dk/dv
             ("bwd_fused", "dkv", 5, [(64, 64, 2)], lambda: jax.jit(fm._bwd_fused),
-             (q, k, v, do, out, lse))]
-    for label, kind, n_mm, tiles, make, operands in plan:
+             (q, k, v, do, out, lse)),
+            ("chain_two_kernel", "dkv", 7, [(64, 64, 2)], lambda: jax.jit(_chain("two_kernel")),
+             (q, k, v, do)),
+            ("chain_fused", "dkv", 7, [(64, 64, 2)], lambda: jax.jit(_chain("fused")),
+             (q, k, v, do)),
+            ("chain_cudnn", "dkv", 7, [(64, 64, 2)], lambda: jax.jit(fwd_bwd_fn("cudnn")),
+             (q, k, v, do))]
+    for label, kind, n_mm, tiles, make, operands in [p for p in plan if p[0] in wanted]:
         default = fm.TUNING[kind]
         for tile in tiles:
             fm.TUNING[kind] = tile

@@ -7,7 +7,8 @@ run wgmma (QK^T, then PV with P from registers) with fp32 softmax statistics. A 
 "schedule" barrier alternates the two consumers (ping-pong), so one warpgroup's softmax
 runs while the other's matmuls occupy the tensor cores. The backward is the same
 producer/consumer layout twice: a dq kernel (query rows resident, K/V streamed; it also
-computes delta = rowsum(O * dO)) and a dk/dv kernel (key rows resident, Q/dO streamed).
+computes delta = rowsum(O * dO)) and a dk/dv kernel (key rows resident, Q/dO streamed);
+`TUNING["bwd"] = "fused"` selects one kernel that also adds dQ into an fp32 buffer.
 
 Causal: key tiles above a warpgroup's rows are never loaded or computed, the tiles below
 the diagonal run without a mask, and the CTAs with the most work are launched first.
@@ -37,7 +38,9 @@ LOG2E = math.log2(math.e)
 TUNING = {"fwd": (64, 128, 2), "dq": (64, 64, 2), "dkv": (64, 64, 2),
           "dq_pingpong": False, "dkv_pingpong": False, "bwd": "two_kernel"}
 # bwd: "two_kernel" (dq kernel + dk/dv kernel) or "fused" (one kernel, dQ added in fp32 with
-# TMA reduce-add; uses the "dkv" tiles).
+# TMA reduce-add; uses the "dkv" tiles). Two kernels are the default: on the H200 the fused
+# kernel runs 5 matmuls in 3.24-3.32 ms against 3.07 ms for the two kernels' 7 (dQ's
+# register -> shared memory -> TMA path costs ~1 ms per call; docs/kernels.md).
 
 
 def _plgpu():
@@ -58,11 +61,11 @@ def _meet(barrier):
     plgpu.barrier_wait(barrier)
 
 
-def _produce(load, total, stages, free):
+def _produce(load, total, stages, free, registers=40):
     """The producer warpgroup's loop: fill the ring, then refill a slot once both consumers
     have released it (`free` barriers). load(step, slot) issues that step's TMA copies."""
     plgpu = _plgpu()
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(registers, action="decrease")
     for i in range(stages):
         pl.when(i < total)(functools.partial(load, i, i))
 
@@ -521,13 +524,16 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
     """dK, dV and dQ in one pass (5 matmuls per tile instead of the two kernels' 7).
 
     As `_dkv_kernel`, plus per query tile: each warpgroup stores its dS^T tile (bf16) to
-    shared memory, the two warpgroups meet on a barrier, and warpgroup w forms columns
-    [64w, 64w + 64) of dQ = dS K from both dS^T tiles and both K tiles, then adds them into
-    the fp32 dQ buffer in global memory with a TMA reduce-add."""
+    shared memory and announces it (`ds_ready`). For head_dim 128, warpgroup w forms columns
+    [64w, 64w + 64) of dQ = dS K from both groups' dS^T and K tiles (for 64, its own keys'
+    share of all columns), then adds them into the fp32 dQ buffer in global memory with a
+    TMA reduce-add. The dQ matmul is issued together with the dK/dV ones, so the tensor
+    cores drain one queue per tile, and the dS^T tiles are double-buffered (`ds_free`), so
+    the groups need not run in lockstep."""
     plgpu = _plgpu()
     H = q_ref.shape[-1]
-    split = H >= 128  # dQ's columns split over the groups (a 64-column tile each), else
-    hh = H // 2 if split else H  # each group adds its own keys' share of all columns
+    split = H >= 128
+    hh = H // 2 if split else H
     dtype = q_ref.dtype
     swz = _swizzle()
     swz32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
@@ -538,36 +544,34 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
     n_steps = n_q_blocks - first
 
     def body(k_smem2, v_smem2, q_smem, do_smem, lse_smem, di_smem, ds_smem, dq_smem,
-             kv_bar, q_bar, do_bar, row_bar, q_free, do_free, ds_ready):
+             kv_bar, q_bar, do_bar, row_bar, q_free, do_free, ds_ready, ds_free):
         @pl.when(wg < 2)
         def _consumer():
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(240, action="increase")
             k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
             k0 = cta_k0 + wg * bk
             rows = (b, pl.ds(k0, bk), kvh)
             plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar.at[wg])
             plgpu.barrier_wait(kv_bar.at[wg])
-            # the other group's K too: dQ's columns need all of the CTA's keys
-            plgpu.barrier_wait(kv_bar.at[1 - wg])
+            if split:  # the other group's K too: dQ's columns need all of the CTA's keys
+                plgpu.barrier_wait(kv_bar.at[1 - wg])
+            cols = pl.ds(wg * hh, hh) if split else pl.ds(0, H)
             zeros = plgpu.layout_cast(jnp.full((bk, H), 0, jnp.float32), plgpu.Layout.WGMMA)
             zeros_t = plgpu.layout_cast(jnp.full((bk, bq), 0, jnp.float32), plgpu.Layout.WGMMA)
+            zeros_q = plgpu.layout_cast(jnp.full((bq, hh), 0, jnp.float32), plgpu.Layout.WGMMA)
             unmasked = lax.div(k0 + bk - 1 + bq - 1, jnp.int32(bq))
 
-            def dq_columns(half, i, buf, g):
-                def mm(acc_ref):
-                    for u in range(2):
-                        plgpu.wgmma(acc_ref, _t(ds_smem.at[buf, u]),
-                                    k_smem2.at[u, :, pl.ds(half * hh, hh)])
-                    return acc_ref[...]
-                dq = pl.run_scoped(mm, plgpu.ACC((bq, hh), jnp.float32))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dq_smem free again
-                dq_smem.at[half][...] = dq
+            def add_dq(dq, t):
+                """dQ of step t (query tile, head) += dq, by TMA from shared memory."""
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last copy has read
+                dq_smem.at[wg][...] = dq
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(
-                    dq_smem.at[half],
-                    dq_acc_ref.at[b, pl.ds(i * bq, bq), kvh * G + g, pl.ds(half * hh, hh)],
-                    reduction_op="add")
+                i = first + lax.rem(t, n_steps)
+                h = kvh * G + lax.div(t, n_steps)
+                plgpu.copy_smem_to_gmem(dq_smem.at[wg],
+                                        dq_acc_ref.at[b, pl.ds(i * bq, bq), h, cols],
+                                        reduction_op="add")
 
             def step(i, carry, g, masked):
                 dk, dv = carry
@@ -594,35 +598,31 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
                     p_t = jnp.where(c + i * bq >= r + k0, p_t, 0.0)
                 ds_t = (p_t * (dp_t - lax.broadcast_in_dim(di, dp_t.shape, [1]))).astype(dtype)
                 p_t = p_t.astype(dtype)
+                if split:  # both groups' dQ of step t - 2 has read this buffer
+                    pl.when(t >= 2)(lambda: plgpu.barrier_wait(ds_free.at[buf]))
                 ds_smem.at[buf, wg][...] = ds_t
                 plgpu.commit_smem()
+                if split:
+                    plgpu.barrier_arrive(ds_ready.at[buf])
 
-                def dv_dk(refs):
-                    dv_ref, dk_ref = refs
+                def grads(refs):
+                    dv_ref, dk_ref, dq_ref = refs
                     plgpu.wgmma(dv_ref, p_t, do_s)
                     plgpu.wgmma(dk_ref, ds_t, q_s)
-                dv, dk = pl.run_state(dv_dk)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                    if split:
+                        plgpu.barrier_wait(ds_ready.at[buf])  # the other group's tile too
+                        for u in range(2):
+                            plgpu.wgmma(dq_ref, _t(ds_smem.at[buf, u]), k_smem2.at[u, :, cols])
+                    else:
+                        plgpu.wgmma(dq_ref, _t(ds_smem.at[buf, wg]), k_smem)
+                dv, dk, dq = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk),
+                                                  plgpu.ACC.init(zeros_q)))
                 plgpu.barrier_arrive(do_free.at[slot])
                 plgpu.barrier_arrive(q_free.at[slot])
                 if split:
-                    _meet(ds_ready)  # both dS^T tiles of this step are stored
-                    for half in range(2):
-                        pl.when(wg == half)(functools.partial(dq_columns, half, i, buf, g))
-                else:
-                    dq_own(i, buf, g)
+                    plgpu.barrier_arrive(ds_free.at[buf])
+                add_dq(dq, t)
                 return dk, dv
-
-            def dq_own(i, buf, g):
-                def mm(acc_ref):
-                    plgpu.wgmma(acc_ref, _t(ds_smem.at[buf, wg]), k_smem)
-                    return acc_ref[...]
-                dq = pl.run_scoped(mm, plgpu.ACC((bq, H), jnp.float32))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                dq_smem.at[wg][...] = dq
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(dq_smem.at[wg],
-                                        dq_acc_ref.at[b, pl.ds(i * bq, bq), kvh * G + g],
-                                        reduction_op="add")
 
             carry = (zeros, zeros)
             for g in range(G):
@@ -632,7 +632,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
                                       functools.partial(step, g=g, masked=False), carry)
             dk, dv = carry
             if split:  # the other group's last dQ has read this group's K: reuse its buffer
-                _meet(ds_ready)
+                plgpu.barrier_wait(ds_free.at[lax.rem(G * n_steps - 1, 2)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             k_smem[...] = (dk * scale).astype(dtype)
             v_smem[...] = dv.astype(dtype)
@@ -654,7 +654,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
                 plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], row_bar.at[slot])
                 plgpu.copy_gmem_to_smem(di_ref.at[cols], di_smem.at[slot], row_bar.at[slot])
 
-            _produce(load, G * n_steps, stages, (q_free, do_free))
+            _produce(load, G * n_steps, stages, (q_free, do_free), registers=24)
 
     pl.run_scoped(
         body,
@@ -672,7 +672,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # lse and delta copies
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2),
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # ds_ready: both dS^T tiles stored
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # ds_free: both groups' dQ read them
         collective_axes="wg",
     )
 
