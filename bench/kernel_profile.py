@@ -3,9 +3,12 @@
     python bench/kernel_profile.py train --config=configs/1b.py --seq=4096 \
         --set=train.global_batch_size=8 --out=/tmp/prof_train.json
     python bench/kernel_profile.py decode --batch=64 --prompt_len=512 --new_tokens=128 --out=/tmp/pd.json
+    python bench/kernel_profile.py attention --impl=mgpu --seq=4096 --steps=10 --out=/tmp/pa.json
 
 `train` profiles `--steps` real train steps of a config (as bench/train_step.py builds
-them); `decode` profiles one `Generator` call at the 1B shape (as bench/generate.py).
+them); `decode` profiles one `Generator` call at the 1B shape (as bench/generate.py);
+`attention` profiles causal attention forward + backward (`--impl` mgpu, pallas, cudnn or
+xla) at bench/attention.py's shape (32768 / seq sequences, 16 heads, head_dim 128).
 Both warm up (compile) first. The device events of the trace are summed by HLO op (or
 kernel name) and by class (matmul, attention, reduction/elementwise fusion, copy,
 collective, other); the table also gives the device's busy time against the wall time of
@@ -136,9 +139,25 @@ def profile_decode(a):
     return d, time.perf_counter() - t, a.new_tokens
 
 
+def profile_attention(a):
+    import jax
+
+    from bench.attention import fwd_bwd_fn, inputs
+    args = inputs(32768 // a.seq, a.seq, 16, 16, 128)
+    f = jax.jit(fwd_bwd_fn(a.impl))
+    jax.block_until_ready(f(*args))
+    d = tempfile.mkdtemp()
+    t = time.perf_counter()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        for _ in range(a.steps):
+            out = f(*args)
+        jax.block_until_ready(out)
+    return d, time.perf_counter() - t, a.steps
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=("train", "decode"))
+    ap.add_argument("what", choices=("train", "decode", "attention"))
     ap.add_argument("--config", default="configs/1b.py")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--set", action="append", help="config override key=value (train)")
@@ -148,17 +167,20 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--decode_attention", default=None)
     ap.add_argument("--cache_chunk", type=int, default=0)
+    ap.add_argument("--impl", default="mgpu", help="attention: mgpu, pallas, cudnn or xla")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import jax
-    d, secs, per = (profile_train if a.what == "train" else profile_decode)(a)
+    profile = {"train": profile_train, "decode": profile_decode,
+               "attention": profile_attention}[a.what]
+    d, secs, per = profile(a)
     s = summarize(d, a.top)
     s.update(what=a.what, args=vars(a), host_seconds=secs, per=per, jax=jax.__version__,
              device=jax.devices()[0].device_kind,
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    print_summary(s, f"{a.what} ({'per step' if a.what == 'train' else 'per decode step'}; "
-                  f"host {secs:.3f} s for {per})", per)
+    unit = {"train": "per step", "decode": "per decode step", "attention": "per call"}[a.what]
+    print_summary(s, f"{a.what} ({unit}; host {secs:.3f} s for {per})", per)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
