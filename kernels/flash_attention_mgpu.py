@@ -88,6 +88,66 @@ def _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, kvh, bk):
     return load
 
 
+def _q_do_loader(refs, smem, bars, b, kvh, G, first, n_steps, bq):
+    """load(step, slot) for the backward's key-resident kernels: step t streams query tile
+    first + t % n_steps of query head kvh * G + t // n_steps (Q, dO, lse and delta)."""
+    plgpu = _plgpu()
+    q_ref, do_ref, lse_ref, di_ref = refs
+    q_smem, do_smem, lse_smem, di_smem = smem
+    q_bar, do_bar, row_bar = bars
+
+    def load(t, slot):
+        i = first + lax.rem(t, n_steps)
+        h = kvh * G + lax.div(t, n_steps)
+        rows = (b, pl.ds(i * bq, bq), h)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
+        cols = (b, h, pl.ds(i * bq, bq))
+        plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], row_bar.at[slot])
+        plgpu.copy_gmem_to_smem(di_ref.at[cols], di_smem.at[slot], row_bar.at[slot])
+    return load
+
+
+def _p_ds(s_t, dp_t, lse_ref, di_ref, q0, k0, scale, masked, dtype):
+    """P^T and dS^T (bf16) of a key x query tile from S^T and dP^T (fp32 accumulators),
+    the tile's lse and delta rows, and the causal mask where the tile crosses the diagonal
+    (query q0 + c sees key k0 + r iff q0 + c >= k0 + r)."""
+    plgpu = _plgpu()
+    lse = plgpu.load(lse_ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+    di = plgpu.load(di_ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+    p_t = jnp.exp2(s_t * (scale * LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+    if masked:
+        r = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 0, layout=plgpu.Layout.WGMMA)
+        c = plgpu.broadcasted_iota(jnp.int32, s_t.shape, 1, layout=plgpu.Layout.WGMMA)
+        p_t = jnp.where(c + q0 >= r + k0, p_t, 0.0)
+    ds_t = (p_t * (dp_t - lax.broadcast_in_dim(di, dp_t.shape, [1]))).astype(dtype)
+    return p_t.astype(dtype), ds_t
+
+
+def _own_kv(k_ref, v_ref, k_smem2, v_smem2, kv_bar, wg, cta_k0, bk, b, kvh):
+    """A consumer of a key-resident kernel loads its bk keys (from cta_k0 + wg * bk) and
+    values once: (its K tile, its V tile, first key, their rows in global memory)."""
+    plgpu = _plgpu()
+    k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+    k0 = cta_k0 + wg * bk
+    rows = (b, pl.ds(k0, bk), kvh)
+    plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar.at[wg])
+    plgpu.barrier_wait(kv_bar.at[wg])
+    return k_smem, v_smem, k0, rows
+
+
+def _write_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, rows, scale):
+    """dK (scaled) and dV out through the K/V tiles' shared memory."""
+    plgpu = _plgpu()
+    k_smem[...] = (dk * scale).astype(k_smem.dtype)
+    v_smem[...] = dv.astype(v_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
+    plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
 def block_sizes(T: int, block_q: int | None, block_k: int | None) -> tuple[int, int]:
     """(CTA query rows, key rows): the padding unit of `flash_attention`."""
     del T
@@ -340,12 +400,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
     @pl.when(wg < 2)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
-        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-        k0 = cta_k0 + wg * bk
-        rows = (b, pl.ds(k0, bk), kvh)
-        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar.at[wg])
-        plgpu.barrier_wait(kv_bar.at[wg])
+        k_smem, v_smem, k0, rows = _own_kv(k_ref, v_ref, k_smem2, v_smem2, kv_bar, wg, cta_k0,
+                                           bk, b, kvh)
         zeros = plgpu.layout_cast(jnp.full((bk, H), 0, jnp.float32), plgpu.Layout.WGMMA)
         # query tiles [first, unmasked) touch this group's diagonal and are masked
         unmasked = lax.div(k0 + bk - 1 + bq - 1, jnp.int32(bq))
@@ -368,15 +424,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
                     sched_sync()
             s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros_t), plgpu.ACC.init(zeros_t)))
             plgpu.barrier_wait(row_bar.at[slot])
-            lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-            di = plgpu.load(di_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-            p_t = jnp.exp2(s_t * (scale * LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-            if masked:
-                r = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
-                c = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
-                p_t = jnp.where(c + i * bq >= r + k0, p_t, 0.0)
-            ds_t = (p_t * (dp_t - lax.broadcast_in_dim(di, dp_t.shape, [1]))).astype(dtype)
-            p_t = p_t.astype(dtype)
+            p_t, ds_t = _p_ds(s_t, dp_t, lse_smem.at[slot], di_smem.at[slot], i * bq, k0,
+                              scale, masked, dtype)
             if pingpong:
                 sched_sync()
 
@@ -415,26 +464,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
         if pingpong:
             pl.when(wg == 0)(sched_sync)
         dk, dv = carry
-        k_smem[...] = (dk * scale).astype(dtype)
-        v_smem[...] = dv.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
-        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
-        plgpu.wait_smem_to_gmem(0)
+        _write_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, rows, scale)
 
     @pl.when(wg == 2)
     def _producer():
-        def load(t, slot):
-            g = lax.div(t, n_steps)
-            i = first + lax.rem(t, n_steps)
-            h = kvh * G + g
-            rows = (b, pl.ds(i * bq, bq), h)
-            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
-            cols = (b, h, pl.ds(i * bq, bq))
-            plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], row_bar.at[slot])
-            plgpu.copy_gmem_to_smem(di_ref.at[cols], di_smem.at[slot], row_bar.at[slot])
-
+        load = _q_do_loader((q_ref, do_ref, lse_ref, di_ref),
+                            (q_smem, do_smem, lse_smem, di_smem), (q_bar, do_bar, row_bar),
+                            b, kvh, G, first, n_steps, bq)
         _produce(load, G * n_steps, stages, (q_free, do_free))
 
 
@@ -548,12 +584,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(240, action="increase")
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-            k0 = cta_k0 + wg * bk
-            rows = (b, pl.ds(k0, bk), kvh)
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, kv_bar.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, kv_bar.at[wg])
-            plgpu.barrier_wait(kv_bar.at[wg])
+            k_smem, v_smem, k0, rows = _own_kv(k_ref, v_ref, k_smem2, v_smem2, kv_bar, wg,
+                                               cta_k0, bk, b, kvh)
             if split:  # the other group's K too: dQ's columns need all of the CTA's keys
                 plgpu.barrier_wait(kv_bar.at[1 - wg])
             cols = pl.ds(wg * hh, hh) if split else pl.ds(0, H)
@@ -589,15 +621,8 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
                 s_t, dp_t = pl.run_state(s_dp)((plgpu.ACC.init(zeros_t),
                                                  plgpu.ACC.init(zeros_t)))
                 plgpu.barrier_wait(row_bar.at[slot])
-                lse = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                di = plgpu.load(di_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-                p_t = jnp.exp2(s_t * (scale * LOG2E) - lax.broadcast_in_dim(lse, s_t.shape, [1]))
-                if masked:
-                    r = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 0, layout=plgpu.Layout.WGMMA)
-                    c = plgpu.broadcasted_iota(jnp.int32, (bk, bq), 1, layout=plgpu.Layout.WGMMA)
-                    p_t = jnp.where(c + i * bq >= r + k0, p_t, 0.0)
-                ds_t = (p_t * (dp_t - lax.broadcast_in_dim(di, dp_t.shape, [1]))).astype(dtype)
-                p_t = p_t.astype(dtype)
+                p_t, ds_t = _p_ds(s_t, dp_t, lse_smem.at[slot], di_smem.at[slot], i * bq, k0,
+                                  scale, masked, dtype)
                 if split:  # both groups' dQ of step t - 2 has read this buffer
                     pl.when(t >= 2)(lambda: plgpu.barrier_wait(ds_free.at[buf]))
                 ds_smem.at[buf, wg][...] = ds_t
@@ -634,26 +659,13 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
             if split:  # the other group's last dQ has read this group's K: reuse its buffer
                 plgpu.barrier_wait(ds_free.at[lax.rem(G * n_steps - 1, 2)])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            k_smem[...] = (dk * scale).astype(dtype)
-            v_smem[...] = dv.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows])
-            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows])
-            plgpu.wait_smem_to_gmem(0)
+            _write_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, rows, scale)
 
         @pl.when(wg == 2)
         def _producer():
-            def load(t, slot):
-                g = lax.div(t, n_steps)
-                i = first + lax.rem(t, n_steps)
-                h = kvh * G + g
-                rows = (b, pl.ds(i * bq, bq), h)
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bar.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bar.at[slot])
-                cols = (b, h, pl.ds(i * bq, bq))
-                plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], row_bar.at[slot])
-                plgpu.copy_gmem_to_smem(di_ref.at[cols], di_smem.at[slot], row_bar.at[slot])
-
+            load = _q_do_loader((q_ref, do_ref, lse_ref, di_ref),
+                                (q_smem, do_smem, lse_smem, di_smem), (q_bar, do_bar, row_bar),
+                                b, kvh, G, first, n_steps, bq)
             _produce(load, G * n_steps, stages, (q_free, do_free), registers=24)
 
     pl.run_scoped(

@@ -176,8 +176,15 @@ def test_auto_attention_and_config_checks():
 def _gpu_kernel_calls(f, *args, target="mosaic_gpu"):
     """Lowers f for CUDA on this CPU host (Pallas -> Mosaic GPU or Triton; for Mosaic GPU the
     shared-memory budget included) and counts the kernels with that custom-call target."""
-    lowered = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+    # a fresh function each call: jit's cache would return an earlier trace of f, one made
+    # before a test changed the kernels' TUNING
+    lowered = jax.jit(lambda *a: f(*a)).trace(*args).lower(lowering_platforms=("cuda",))
     return lowered.as_text().count(f"stablehlo.custom_call @{target}")
+
+
+def _mgpu_fwd_bwd(q, k, v):
+    out, vjp = jax.vjp(lambda *a: flash_attention(*a, backend="mgpu"), q, k, v)
+    return out, vjp(out)
 
 
 @pytest.mark.parametrize("B,T,N,K,H", [(2, 1000, 8, 2, 128), (2, 512, 4, 4, 64),
@@ -189,11 +196,7 @@ def test_mosaic_gpu_kernels_lower_for_hopper(B, T, N, K, H):
     their wgmma accumulators."""
     q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
-
-    def fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(lambda *a: flash_attention(*a, backend="mgpu"), q, k, v)
-        return out, vjp(out)
-    assert _gpu_kernel_calls(fwd_bwd, q, kv, kv) == 3
+    assert _gpu_kernel_calls(_mgpu_fwd_bwd, q, kv, kv) == 3
 
 
 @pytest.mark.parametrize("B,T,N,K,H", [(2, 1000, 8, 2, 128), (2, 512, 4, 4, 64)])
@@ -205,11 +208,7 @@ def test_mosaic_gpu_fused_backward_lowers_for_hopper(B, T, N, K, H, monkeypatch)
     monkeypatch.setitem(flash_attention_mgpu.TUNING, "bwd", "fused")
     q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
-
-    def fwd_bwd(q, k, v):
-        out, vjp = jax.vjp(lambda *a: flash_attention(*a, backend="mgpu"), q, k, v)
-        return out, vjp(out)
-    assert _gpu_kernel_calls(fwd_bwd, q, kv, kv) == 2
+    assert _gpu_kernel_calls(_mgpu_fwd_bwd, q, kv, kv) == 2
 
 
 @pytest.mark.parametrize("backend,target", [("mgpu", "mosaic_gpu"),
