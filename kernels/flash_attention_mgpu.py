@@ -39,7 +39,7 @@ TUNING = {"fwd": (64, 128, 2), "dq": (64, 64, 2), "dkv": (64, 64, 2),
           "dq_pingpong": False, "dkv_pingpong": False, "bwd": "two_kernel"}
 # bwd: "two_kernel" (dq kernel + dk/dv kernel) or "fused" (one kernel, dQ added in fp32 with
 # TMA reduce-add; uses the "dkv" tiles). Two kernels are the default: on the H200 the fused
-# kernel runs 5 matmuls in 3.24-3.32 ms against 3.07 ms for the two kernels' 7 (dQ's
+# kernel runs 5 matmuls in 3.18-3.32 ms against 3.07 ms for the two kernels' 7 (dQ's
 # register -> shared memory -> TMA path costs ~1 ms per call; docs/kernels.md).
 
 
