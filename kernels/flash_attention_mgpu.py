@@ -88,8 +88,9 @@ def _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, kvh, bk):
     return load
 
 
-def _q_do_loader(refs, smem, bars, b, kvh, G, first, n_steps, bq):
-    """load(step, slot) for the backward's key-resident kernels: step t streams query tile
+def _q_do_producer(refs, smem, bars, free, b, kvh, G, first, n_steps, bq, stages,
+                   registers=40):
+    """The producer of the backward's key-resident kernels: step t streams query tile
     first + t % n_steps of query head kvh * G + t // n_steps (Q, dO, lse and delta)."""
     plgpu = _plgpu()
     q_ref, do_ref, lse_ref, di_ref = refs
@@ -105,7 +106,7 @@ def _q_do_loader(refs, smem, bars, b, kvh, G, first, n_steps, bq):
         cols = (b, h, pl.ds(i * bq, bq))
         plgpu.copy_gmem_to_smem(lse_ref.at[cols], lse_smem.at[slot], row_bar.at[slot])
         plgpu.copy_gmem_to_smem(di_ref.at[cols], di_smem.at[slot], row_bar.at[slot])
-    return load
+    _produce(load, G * n_steps, stages, free, registers)
 
 
 def _p_ds(s_t, dp_t, lse_ref, di_ref, q0, k0, scale, masked, dtype):
@@ -466,12 +467,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
         dk, dv = carry
         _write_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, rows, scale)
 
-    @pl.when(wg == 2)
-    def _producer():
-        load = _q_do_loader((q_ref, do_ref, lse_ref, di_ref),
-                            (q_smem, do_smem, lse_smem, di_smem), (q_bar, do_bar, row_bar),
-                            b, kvh, G, first, n_steps, bq)
-        _produce(load, G * n_steps, stages, (q_free, do_free))
+    pl.when(wg == 2)(lambda: _q_do_producer(
+        (q_ref, do_ref, lse_ref, di_ref), (q_smem, do_smem, lse_smem, di_smem),
+        (q_bar, do_bar, row_bar), (q_free, do_free), b, kvh, G, first, n_steps, bq, stages))
 
 
 def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False):
@@ -661,12 +659,10 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             _write_dkv(dk, dv, k_smem, v_smem, dk_ref, dv_ref, rows, scale)
 
-        @pl.when(wg == 2)
-        def _producer():
-            load = _q_do_loader((q_ref, do_ref, lse_ref, di_ref),
-                                (q_smem, do_smem, lse_smem, di_smem), (q_bar, do_bar, row_bar),
-                                b, kvh, G, first, n_steps, bq)
-            _produce(load, G * n_steps, stages, (q_free, do_free), registers=24)
+        pl.when(wg == 2)(lambda: _q_do_producer(
+            (q_ref, do_ref, lse_ref, di_ref), (q_smem, do_smem, lse_smem, di_smem),
+            (q_bar, do_bar, row_bar), (q_free, do_free), b, kvh, G, first, n_steps, bq,
+            stages, registers=24))
 
     pl.run_scoped(
         body,
