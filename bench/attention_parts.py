@@ -54,6 +54,7 @@ def main():
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "check": {},
               "parts": []}
+    default_bwd = fm.TUNING["bwd"]
     for bwd in [b for b, ks in (("two_kernel", {"dq", "dkv", "chain_two_kernel"}),
                                    ("fused", {"bwd_fused", "chain_fused"}))
                 if ks & set(wanted)]:
@@ -62,7 +63,7 @@ def main():
             key = "{}_B{}_T{}_N{}_K{}_H{}".format(bwd, *shape)
             result["check"][key] = errs = check(*shape)
             print("check vs reference", key, errs, flush=True)
-    fm.TUNING["bwd"] = "two_kernel"
+    fm.TUNING["bwd"] = default_bwd
     B, T, N, K, H = 8, 4096, 16, 16, 128
     q, k, v, do = inputs(B, T, N, K, H)
     m1 = 2 * B * N * T * T * H / 2

@@ -99,6 +99,16 @@ def print_summary(s: dict, label: str, per: int = 1):
               f"{r['count'] // per:>7}")
 
 
+def _traced(run):
+    """Runs `run` (which blocks on its results) under the profiler: (trace dir, seconds)."""
+    import jax
+    d = tempfile.mkdtemp()
+    t = time.perf_counter()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        run()
+    return d, time.perf_counter() - t
+
+
 def profile_train(a):
     import jax
 
@@ -109,17 +119,15 @@ def profile_train(a):
     jax.block_until_ready(m)
     batches = [batch() for _ in range(a.steps)]
     jax.block_until_ready(batches)
-    d = tempfile.mkdtemp()
-    t = time.perf_counter()
-    with jax.profiler.trace(d, create_perfetto_trace=True):
+
+    def run(state=state):
         for b in batches:
             state, m = compiled(state, b)
         jax.block_until_ready(m)
-    return d, time.perf_counter() - t, a.steps
+    return (*_traced(run), a.steps)
 
 
 def profile_decode(a):
-    import jax
     import numpy as np
 
     from bench.generate import ONE_B, random_model
@@ -132,11 +140,7 @@ def profile_decode(a):
     prompts = lambda: rng.integers(1, s["vocab"], (a.batch, a.prompt_len)).tolist()  # noqa
     gen(prompts(), max_new_tokens=a.new_tokens)
     p = prompts()
-    d = tempfile.mkdtemp()
-    t = time.perf_counter()
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-        gen(p, max_new_tokens=a.new_tokens)
-    return d, time.perf_counter() - t, a.new_tokens
+    return (*_traced(lambda: gen(p, max_new_tokens=a.new_tokens)), a.new_tokens)
 
 
 def profile_attention(a):
@@ -146,13 +150,12 @@ def profile_attention(a):
     args = inputs(32768 // a.seq, a.seq, 16, 16, 128)
     f = jax.jit(fwd_bwd_fn(a.impl))
     jax.block_until_ready(f(*args))
-    d = tempfile.mkdtemp()
-    t = time.perf_counter()
-    with jax.profiler.trace(d, create_perfetto_trace=True):
+
+    def run():
         for _ in range(a.steps):
             out = f(*args)
         jax.block_until_ready(out)
-    return d, time.perf_counter() - t, a.steps
+    return (*_traced(run), a.steps)
 
 
 def main():
