@@ -51,6 +51,9 @@ def main():
                     help="comma list of the kernels to check and time")
     args = ap.parse_args()
     wanted = args.kernels.split(",")
+    known = ap.get_default("kernels").split(",")
+    if unknown := [w for w in wanted if w not in known]:
+        ap.error(f"--kernels: unknown {unknown}; choose from {','.join(known)}")
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "check": {},
               "parts": []}

@@ -170,7 +170,8 @@ def main():
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--decode_attention", default=None)
     ap.add_argument("--cache_chunk", type=int, default=0)
-    ap.add_argument("--impl", default="mgpu", help="attention: mgpu, pallas, cudnn or xla")
+    ap.add_argument("--impl", default="mgpu", choices=("mgpu", "pallas", "cudnn", "xla"),
+                    help="attention: the implementation to profile")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
