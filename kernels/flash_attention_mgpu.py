@@ -629,22 +629,25 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
                     plgpu.barrier_arrive(ds_ready.at[buf])
 
                 def grads(refs):
+                    # dV, then dQ (once the other group's dS^T is stored), then dK: dQ's
+                    # fp32 tile goes out while dK's matmul is still running (as in FA3)
                     dv_ref, dk_ref, dq_ref = refs
                     plgpu.wgmma(dv_ref, p_t, do_s)
-                    plgpu.wgmma(dk_ref, ds_t, q_s)
                     if split:
                         plgpu.barrier_wait(ds_ready.at[buf])  # the other group's tile too
                         for u in range(2):
                             plgpu.wgmma(dq_ref, _t(ds_smem.at[buf, u]), k_smem2.at[u, :, cols])
                     else:
                         plgpu.wgmma(dq_ref, _t(ds_smem.at[buf, wg]), k_smem)
-                dv, dk, dq = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk),
-                                                  plgpu.ACC.init(zeros_q)))
+                    plgpu.wgmma(dk_ref, ds_t, q_s)
+                    dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=1)
+                    if split:
+                        plgpu.barrier_arrive(ds_free.at[buf])
+                    add_dq(dq, t)
+                dv, dk, _ = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk),
+                                                 plgpu.ACC.init(zeros_q)))
                 plgpu.barrier_arrive(do_free.at[slot])
                 plgpu.barrier_arrive(q_free.at[slot])
-                if split:
-                    plgpu.barrier_arrive(ds_free.at[buf])
-                add_dq(dq, t)
                 return dk, dv
 
             carry = (zeros, zeros)
