@@ -47,7 +47,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="attention_parts.json")
     ap.add_argument("--kernels",
-                    default="fwd,dq,dkv,bwd_fused,chain_two_kernel,chain_fused,chain_cudnn",
+                    default="fwd,dq,dkv,bwd_fused,bwd_fused_no_overlap,chain_two_kernel,"
+                            "chain_fused,chain_cudnn",
                     help="comma list of the kernels to check and time")
     args = ap.parse_args()
     wanted = args.kernels.split(",")
@@ -59,7 +60,8 @@ def main():
               "parts": []}
     default_bwd = fm.TUNING["bwd"]
     for bwd in [b for b, ks in (("two_kernel", {"dq", "dkv", "chain_two_kernel"}),
-                                   ("fused", {"bwd_fused", "chain_fused"}))
+                                   ("fused", {"bwd_fused", "bwd_fused_no_overlap",
+                                              "chain_fused"}))
                 if ks & set(wanted)]:
         fm.TUNING["bwd"] = bwd
         for shape in ((1, 256, 2, 2, 128), (2, 1000, 8, 2, 128), (2, 512, 4, 4, 64)):
@@ -82,6 +84,9 @@ def main():
             # the fused backward (delta, one kernel, the fp32 dQ cast) against dq + dk/dv
             ("bwd_fused", "dkv", 5, [(64, 64, 2)], lambda: jax.jit(fm._bwd_fused),
              (q, k, v, do, out, lse)),
+            # the same with dQ stored only after dK's matmul too (fused_dq_overlap=False)
+            ("bwd_fused_no_overlap", "fused_dq_overlap", 5, [False],
+             lambda: jax.jit(lambda *a: fm._bwd_fused(*a)), (q, k, v, do, out, lse)),
             ("chain_two_kernel", "dkv", 7, [(64, 64, 2)], lambda: jax.jit(_chain("two_kernel")),
              (q, k, v, do)),
             ("chain_fused", "dkv", 7, [(64, 64, 2)], lambda: jax.jit(_chain("fused")),

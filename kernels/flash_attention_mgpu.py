@@ -36,11 +36,14 @@ LOG2E = math.log2(math.e)
 # Chosen by the H200 sweeps of bench/attention.py and bench/attention_parts.py
 # (docs/kernels.md); 64 rows per warpgroup keep the fp32 accumulators within 232 registers.
 TUNING = {"fwd": (64, 128, 2), "dq": (64, 64, 2), "dkv": (64, 64, 2),
-          "dq_pingpong": False, "dkv_pingpong": False, "bwd": "two_kernel"}
+          "dq_pingpong": False, "dkv_pingpong": False, "bwd": "two_kernel",
+          "fused_dq_overlap": True}
 # bwd: "two_kernel" (dq kernel + dk/dv kernel) or "fused" (one kernel, dQ added in fp32 with
 # TMA reduce-add; uses the "dkv" tiles). Two kernels are the default: on the H200 the fused
 # kernel runs 5 matmuls in 3.18-3.32 ms against 3.07 ms for the two kernels' 7 (dQ's
 # register -> shared memory -> TMA path costs ~1 ms per call; docs/kernels.md).
+# fused_dq_overlap: the fused kernel stores dQ while dK's matmul runs (FA3's order; not yet
+# measured on a GPU) instead of after all three of a tile's gradient matmuls.
 
 
 def _plgpu():
@@ -576,6 +579,7 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
     cta_k0 = lax.axis_index("kv_tile") * (2 * bk)  # early keys see the most queries: first
     first = lax.div(cta_k0, jnp.int32(bq))
     n_steps = n_q_blocks - first
+    overlap = TUNING["fused_dq_overlap"]
 
     def body(k_smem2, v_smem2, q_smem, do_smem, lse_smem, di_smem, ds_smem, dq_smem,
              kv_bar, q_bar, do_bar, row_bar, q_free, do_free, ds_ready, ds_free):
@@ -629,25 +633,33 @@ def _bwd_fused_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_acc_ref, 
                     plgpu.barrier_arrive(ds_ready.at[buf])
 
                 def grads(refs):
-                    # dV, then dQ (once the other group's dS^T is stored), then dK: dQ's
-                    # fp32 tile goes out while dK's matmul is still running (as in FA3)
+                    # overlap: dV, then dQ (once the other group's dS^T is stored), then dK,
+                    # and dQ's fp32 tile goes out while dK's matmul still runs (FA3's order);
+                    # else all three finish before the store
                     dv_ref, dk_ref, dq_ref = refs
                     plgpu.wgmma(dv_ref, p_t, do_s)
+                    if not overlap:
+                        plgpu.wgmma(dk_ref, ds_t, q_s)
                     if split:
                         plgpu.barrier_wait(ds_ready.at[buf])  # the other group's tile too
                         for u in range(2):
                             plgpu.wgmma(dq_ref, _t(ds_smem.at[buf, u]), k_smem2.at[u, :, cols])
                     else:
                         plgpu.wgmma(dq_ref, _t(ds_smem.at[buf, wg]), k_smem)
-                    plgpu.wgmma(dk_ref, ds_t, q_s)
-                    dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=1)
+                    if overlap:
+                        plgpu.wgmma(dk_ref, ds_t, q_s)
+                        dq = plgpu.wgmma_accumulator_load(dq_ref, wait_n=1)
+                        if split:
+                            plgpu.barrier_arrive(ds_free.at[buf])
+                        add_dq(dq, t)
+                dv, dk, dq = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk),
+                                                  plgpu.ACC.init(zeros_q)))
+                plgpu.barrier_arrive(do_free.at[slot])
+                plgpu.barrier_arrive(q_free.at[slot])
+                if not overlap:
                     if split:
                         plgpu.barrier_arrive(ds_free.at[buf])
                     add_dq(dq, t)
-                dv, dk, _ = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk),
-                                                 plgpu.ACC.init(zeros_q)))
-                plgpu.barrier_arrive(do_free.at[slot])
-                plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
 
             carry = (zeros, zeros)

@@ -199,13 +199,15 @@ def test_mosaic_gpu_kernels_lower_for_hopper(B, T, N, K, H):
     assert _gpu_kernel_calls(_mgpu_fwd_bwd, q, kv, kv) == 3
 
 
+@pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("B,T,N,K,H", [(2, 1000, 8, 2, 128), (2, 512, 4, 4, 64)])
-def test_mosaic_gpu_fused_backward_lowers_for_hopper(B, T, N, K, H, monkeypatch):
+def test_mosaic_gpu_fused_backward_lowers_for_hopper(B, T, N, K, H, overlap, monkeypatch):
     """The one-kernel backward (dQ by TMA reduce-add into an fp32 buffer): forward + one
     backward kernel."""
     from kernels import flash_attention_mgpu
 
     monkeypatch.setitem(flash_attention_mgpu.TUNING, "bwd", "fused")
+    monkeypatch.setitem(flash_attention_mgpu.TUNING, "fused_dq_overlap", overlap)
     q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
     assert _gpu_kernel_calls(_mgpu_fwd_bwd, q, kv, kv) == 2
