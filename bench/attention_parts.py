@@ -47,7 +47,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="attention_parts.json")
     ap.add_argument("--kernels",
-                    default="fwd,dq,dkv,bwd_fused,bwd_fused_no_overlap,chain_two_kernel,"
+                    default="fwd,fwd_no_overlap,dq,dkv,bwd_fused,bwd_fused_no_overlap,chain_two_kernel,"
                             "chain_fused,chain_cudnn",
                     help="comma list of the kernels to check and time")
     args = ap.parse_args()
@@ -77,6 +77,10 @@ def main():
     plan = [("fwd", "fwd", 2, [(64, 128, 2), (64, 64, 2)],
              lambda: jax.jit(lambda *a: fm.forward(*a, None, block_q=128,
                                                   block_k=fm.TUNING["fwd"][1])), (q, k, v)),
+            # the forward without its softmax pipelined under the PV matmul (fwd_overlap=False)
+            ("fwd_no_overlap", "fwd_overlap", 2, [False],
+             lambda: jax.jit(lambda *a: fm.forward(*a, None, block_q=128, block_k=128)),
+             (q, k, v)),
             ("dq", "dq", 3, [(64, 64, 2), (64, 128, 2)], lambda: jax.jit(fm._dq),
              (q, k, v, do, out, lse)),
             ("dkv", "dkv", 4, [(64, 64, 2), (64, 64, 3)], lambda: jax.jit(fm._dkv),

@@ -37,7 +37,7 @@ LOG2E = math.log2(math.e)
 # (docs/kernels.md); 64 rows per warpgroup keep the fp32 accumulators within 232 registers.
 TUNING = {"fwd": (64, 128, 2), "dq": (64, 64, 2), "dkv": (64, 64, 2),
           "dq_pingpong": False, "dkv_pingpong": False, "bwd": "two_kernel",
-          "fused_dq_overlap": True}
+          "fused_dq_overlap": True, "fwd_overlap": True}
 # bwd: "two_kernel" (dq kernel + dk/dv kernel) or "fused" (one kernel, dQ added in fp32 with
 # TMA reduce-add; uses the "dkv" tiles). Two kernels are the default: on the H200 the fused
 # kernel runs 5 matmuls in 3.18-3.32 ms against 3.07 ms for the two kernels' 7 (dQ's
@@ -194,7 +194,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
         l = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((bq, H), 0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_bar.at[0])  # every warpgroup has at least one key tile
-        pl.when(wg == 1)(sched_sync)
+        if not TUNING["fwd_overlap"]:
+            pl.when(wg == 1)(sched_sync)
 
         def step(j, carry, masked):
             acc, m, l = carry
@@ -233,19 +234,28 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
-        carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False), (acc, m, l))
-        acc, m, l = lax.fori_loop(full_steps, kv_steps, functools.partial(step, masked=True),
-                                  carry)
+        if TUNING["fwd_overlap"]:
+            acc, m, l = _fwd_overlapped(qo_smem, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
+                                        acc, m, l, q0=q0, kv_steps=kv_steps,
+                                        full_steps=full_steps, bq=bq, bk=bk, stages=stages,
+                                        scale=scale, dtype=dtype)
+        else:
+            carry = lax.fori_loop(0, full_steps, functools.partial(step, masked=False),
+                                  (acc, m, l))
+            acc, m, l = lax.fori_loop(full_steps, kv_steps,
+                                      functools.partial(step, masked=True), carry)
 
         def flush(j, _):
             # Tiles only the other warpgroup needs: release them and keep the ping-pong.
             slot = lax.rem(j, jnp.int32(stages))
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
-            sched_sync()
-            sched_sync()
+            if not TUNING["fwd_overlap"]:
+                sched_sync()
+                sched_sync()
         lax.fori_loop(kv_steps, cta_kv_steps, flush, None)
-        pl.when(wg == 0)(sched_sync)
+        if not TUNING["fwd_overlap"]:
+            pl.when(wg == 0)(sched_sync)
 
         inv_l = 1.0 / l
         qo_smem[...] = (acc * lax.broadcast_in_dim(inv_l, acc.shape, [0])).astype(dtype)
@@ -260,6 +270,70 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
         kvh = lax.div(h, jnp.int32(G))
         load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, kvh, bk)
         _produce(load, cta_kv_steps, stages, (k_free, v_free))
+
+
+def _fwd_overlapped(q_smem, k_smem, v_smem, k_bar, v_bar, k_free, v_free, acc, m, l, *,
+                    q0, kv_steps, full_steps, bq, bk, stages, scale, dtype):
+    """A consumer's key loop with FA3's intra-warpgroup pipelining: step j issues S_j = Q K_j^T
+    and O += P_{j-1} V_{j-1} together and runs the softmax of S_j while the PV matmul is in
+    flight; O is rescaled before the next PV is issued. Returns (O, m, l) un-normalised."""
+    plgpu = _plgpu()
+    c = scale * LOG2E  # m is kept in units of c * S, so p = exp2(S c - m) is one FMA
+    zeros_s = plgpu.layout_cast(jnp.full((bq, bk), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+    def softmax(s, j, m, l, masked):
+        if masked:
+            r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+            col = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+            s = jnp.where(r + q0 >= col + j * bk, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1) * c)
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        return p.astype(dtype), m_new, l * alpha + p.sum(axis=1), alpha
+
+    def first(s_ref):  # tile 0 (masked: it may cross the diagonal)
+        plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[0]))
+        return s_ref[...]
+    s = pl.run_scoped(first, plgpu.ACC((bq, bk), jnp.float32))
+    plgpu.barrier_arrive(k_free.at[0])
+    p, m, l, alpha = softmax(s, 0, m, l, masked=True)
+
+    def step(j, carry, masked):
+        acc, m, l, p, alpha = carry
+        slot = lax.rem(j, jnp.int32(stages))
+        prev = lax.rem(j - 1, jnp.int32(stages))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(v_bar.at[prev])
+
+        def body(refs):
+            s_ref, o_ref, p_ref, m_ref, l_ref, a_ref = refs
+            plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
+            plgpu.wgmma(o_ref, p_ref[...], v_smem.at[prev])
+            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # PV still in flight
+            plgpu.barrier_arrive(k_free.at[slot])
+            p_ref[...], m_ref[...], l_ref[...], a_ref[...] = softmax(
+                s, j, m_ref[...], l_ref[...], masked)
+        _, acc, p, m, l, alpha = pl.run_state(body)(
+            (plgpu.ACC.init(zeros_s), plgpu.ACC.init(acc), p, m, l, alpha))
+        plgpu.barrier_arrive(v_free.at[prev])
+        return acc, m, l, p, alpha
+
+    carry = (acc, m, l, p, alpha)
+    carry = lax.fori_loop(1, jnp.maximum(full_steps, 1),
+                          functools.partial(step, masked=False), carry)
+    carry = lax.fori_loop(jnp.maximum(full_steps, 1), kv_steps,
+                          functools.partial(step, masked=True), carry)
+    acc, m, l, p, alpha = carry
+    last = lax.rem(kv_steps - 1, jnp.int32(stages))
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    plgpu.barrier_wait(v_bar.at[last])
+
+    def final_pv(o_ref):
+        plgpu.wgmma(o_ref, p, v_smem.at[last])
+    acc = pl.run_state(final_pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_free.at[last])
+    return acc, m, l
 
 
 def forward(q, k, v, seg, *, block_q, block_k, interpret=False):
