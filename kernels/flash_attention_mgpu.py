@@ -194,7 +194,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
         l = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((bq, H), 0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_bar.at[0])  # every warpgroup has at least one key tile
-        if not TUNING["fwd_overlap"]:
+        overlap = TUNING["fwd_overlap"]
+        if not overlap:
             pl.when(wg == 1)(sched_sync)
 
         def step(j, carry, masked):
@@ -234,7 +235,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
-        if TUNING["fwd_overlap"]:
+        if overlap:
             acc, m, l = _fwd_overlapped(qo_smem, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
                                         acc, m, l, q0=q0, kv_steps=kv_steps,
                                         full_steps=full_steps, bq=bq, bk=bk, stages=stages,
@@ -250,11 +251,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
             slot = lax.rem(j, jnp.int32(stages))
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
-            if not TUNING["fwd_overlap"]:
+            if not overlap:
                 sched_sync()
                 sched_sync()
         lax.fori_loop(kv_steps, cta_kv_steps, flush, None)
-        if not TUNING["fwd_overlap"]:
+        if not overlap:
             pl.when(wg == 0)(sched_sync)
 
         inv_l = 1.0 / l
@@ -268,15 +269,40 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
     @pl.when(wg == 2)
     def _producer():
         kvh = lax.div(h, jnp.int32(G))
-        load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, kvh, bk)
-        _produce(load, cta_kv_steps, stages, (k_free, v_free))
+        if TUNING["fwd_overlap"]:
+            _produce_v_lagged(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, b,
+                              kvh, bk, cta_kv_steps, stages)
+        else:
+            load = _kv_loader(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, b, kvh, bk)
+            _produce(load, cta_kv_steps, stages, (k_free, v_free))
+
+
+def _produce_v_lagged(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, b, kvh, bk,
+                      total, stages):
+    """The pipelined forward's producer: step j loads K_j and V_{j-1}, each once its own slot
+    is free, as the consumers use them (V a step after K; a shared K+V slot would hold K_j
+    back until PV_{j-2} finishes)."""
+    plgpu = _plgpu()
+    plgpu.set_max_registers(40, action="decrease")
+
+    def load(ref, smem, bar, free, j):
+        slot = lax.rem(j, jnp.int32(stages))
+        pl.when(j >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+        plgpu.copy_gmem_to_smem(ref.at[b, pl.ds(j * bk, bk), kvh], smem.at[slot], bar.at[slot])
+
+    @pl.loop(0, total + 1)
+    def _(j):
+        pl.when(j < total)(lambda: load(k_ref, k_smem, k_bar, k_free, j))
+        pl.when(j >= 1)(lambda: load(v_ref, v_smem, v_bar, v_free, j - 1))
 
 
 def _fwd_overlapped(q_smem, k_smem, v_smem, k_bar, v_bar, k_free, v_free, acc, m, l, *,
                     q0, kv_steps, full_steps, bq, bk, stages, scale, dtype):
     """A consumer's key loop with FA3's intra-warpgroup pipelining: step j issues S_j = Q K_j^T
     and O += P_{j-1} V_{j-1} together and runs the softmax of S_j while the PV matmul is in
-    flight; O is rescaled before the next PV is issued. Returns (O, m, l) un-normalised."""
+    flight; O is rescaled before the next PV is issued. Returns (O, m, l) un-normalised.
+    The two consumers run free: FA3's ping-pong on top (a turn barrier per consumer around
+    the issue) measured slower on the H200 (docs/kernels.md)."""
     plgpu = _plgpu()
     c = scale * LOG2E  # m is kept in units of c * S, so p = exp2(S c - m) is one FMA
     zeros_s = plgpu.layout_cast(jnp.full((bq, bk), 0, jnp.float32), plgpu.Layout.WGMMA)
@@ -289,7 +315,7 @@ def _fwd_overlapped(q_smem, k_smem, v_smem, k_bar, v_bar, k_free, v_free, acc, m
         m_new = jnp.maximum(m, s.max(axis=1) * c)
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        return p.astype(dtype), m_new, l * alpha + p.sum(axis=1), alpha
+        return p, m_new, l * alpha + p.sum(axis=1), alpha
 
     def first(s_ref):  # tile 0 (masked: it may cross the diagonal)
         plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[0]))
@@ -297,6 +323,7 @@ def _fwd_overlapped(q_smem, k_smem, v_smem, k_bar, v_bar, k_free, v_free, acc, m
     s = pl.run_scoped(first, plgpu.ACC((bq, bk), jnp.float32))
     plgpu.barrier_arrive(k_free.at[0])
     p, m, l, alpha = softmax(s, 0, m, l, masked=True)
+    p = p.astype(dtype)
 
     def step(j, carry, masked):
         acc, m, l, p, alpha = carry
@@ -307,17 +334,19 @@ def _fwd_overlapped(q_smem, k_smem, v_smem, k_bar, v_bar, k_free, v_free, acc, m
         plgpu.barrier_wait(v_bar.at[prev])
 
         def body(refs):
+            # P_j stays fp32 until PV_{j-1} is done: writing the bf16 registers that PV_{j-1}
+            # reads (the loop carry) would make ptxas serialize the wgmmas (C7513)
             s_ref, o_ref, p_ref, m_ref, l_ref, a_ref = refs
             plgpu.wgmma(s_ref, q_smem, _t(k_smem.at[slot]))
-            plgpu.wgmma(o_ref, p_ref[...], v_smem.at[prev])
+            plgpu.wgmma(o_ref, p, v_smem.at[prev])
             s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # PV still in flight
             plgpu.barrier_arrive(k_free.at[slot])
             p_ref[...], m_ref[...], l_ref[...], a_ref[...] = softmax(
                 s, j, m_ref[...], l_ref[...], masked)
-        _, acc, p, m, l, alpha = pl.run_state(body)(
-            (plgpu.ACC.init(zeros_s), plgpu.ACC.init(acc), p, m, l, alpha))
+        _, acc, p32, m, l, alpha = pl.run_state(body)(
+            (plgpu.ACC.init(zeros_s), plgpu.ACC.init(acc), zeros_s, m, l, alpha))
         plgpu.barrier_arrive(v_free.at[prev])
-        return acc, m, l, p, alpha
+        return acc, m, l, p32.astype(dtype), alpha
 
     carry = (acc, m, l, p, alpha)
     carry = lax.fori_loop(1, jnp.maximum(full_steps, 1),
