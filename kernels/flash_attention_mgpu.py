@@ -3,12 +3,13 @@
 The FlashAttention-3 structure: each CTA runs three warpgroups. One producer warpgroup
 issues TMA copies of K/V tiles into a ring of shared-memory slots and waits on "consumed"
 barriers before refilling a slot; two consumer warpgroups each own `bq` query rows and
-run wgmma (QK^T, then PV with P from registers) with fp32 softmax statistics. A shared
-"schedule" barrier alternates the two consumers (ping-pong), so one warpgroup's softmax
-runs while the other's matmuls occupy the tensor cores. The backward is the same
-producer/consumer layout twice: a dq kernel (query rows resident, K/V streamed; it also
-computes delta = rowsum(O * dO)) and a dk/dv kernel (key rows resident, Q/dO streamed);
-`TUNING["bwd"] = "fused"` selects one kernel that also adds dQ into an fp32 buffer.
+run wgmma (QK^T, then PV with P from registers) with fp32 softmax statistics. Each
+consumer issues S_j = Q K_j^T together with O += P_{j-1} V_{j-1} and runs the softmax of
+S_j while that PV matmul is in flight (intra-warpgroup pipelining; `TUNING["fwd_overlap"]`
+= False selects the older ping-pong of the two consumers instead). The backward is one
+key-resident kernel (K/V rows resident, Q/dO streamed) that forms dK and dV in registers
+and adds dQ tiles into an fp32 buffer by TMA reduce-add; `TUNING["bwd"] = "two_kernel"`
+selects a dq kernel (which also computes delta = rowsum(O * dO)) plus a dk/dv kernel.
 
 Causal: key tiles above a warpgroup's rows are never loaded or computed, the tiles below
 the diagonal run without a mask, and the CTAs with the most work are launched first.
@@ -36,14 +37,17 @@ LOG2E = math.log2(math.e)
 # Chosen by the H200 sweeps of bench/attention.py and bench/attention_parts.py
 # (docs/kernels.md); 64 rows per warpgroup keep the fp32 accumulators within 232 registers.
 TUNING = {"fwd": (64, 128, 2), "dq": (64, 64, 2), "dkv": (64, 64, 2),
-          "dq_pingpong": False, "dkv_pingpong": False, "bwd": "two_kernel",
+          "dq_pingpong": False, "dkv_pingpong": False, "bwd": "fused",
           "fused_dq_overlap": True, "fwd_overlap": True}
-# bwd: "two_kernel" (dq kernel + dk/dv kernel) or "fused" (one kernel, dQ added in fp32 with
-# TMA reduce-add; uses the "dkv" tiles). Two kernels are the default: on the H200 the fused
-# kernel runs 5 matmuls in 3.18-3.32 ms against 3.07 ms for the two kernels' 7 (dQ's
-# register -> shared memory -> TMA path costs ~1 ms per call; docs/kernels.md).
-# fused_dq_overlap: the fused kernel stores dQ while dK's matmul runs (FA3's order; not yet
-# measured on a GPU) instead of after all three of a tile's gradient matmuls.
+# bwd: "fused" (one kernel, dQ added in fp32 with TMA reduce-add; uses the "dkv" tiles) or
+# "two_kernel" (dq kernel + dk/dv kernel). On the H200 (2026-11-29 14:09, bench/attention.py
+# at B8 T4096) forward + backward ran at 464.6 TFLOP/s with the fused backward, 440.1 with
+# the two kernels (cuDNN 457.1 / 455.9): the fused kernel alone is slower (3.17 vs 1.38 +
+# 1.79 ms), but it drops the dq kernel's recomputed matmuls and chains better.
+# fused_dq_overlap: the fused kernel stores dQ while dK's matmul runs (FA3's order; 3.21 vs
+# 3.29 ms) instead of after all three of a tile's gradient matmuls.
+# fwd_overlap: each forward tile's softmax runs under the previous tile's PV matmul (FA3's
+# intra-warpgroup pipelining; 0.947 vs 0.996 ms) instead of the two consumers' ping-pong.
 
 
 def _plgpu():
@@ -579,7 +583,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref, sm
 
 
 def backward(q, k, v, seg, out, lse, d_out, *, block_q, block_k, interpret=False):
-    """Gradients (dq, dk, dv): a dq kernel and a dk/dv kernel (GQA summed in registers)."""
+    """Gradients (dq, dk, dv): the fused kernel, or a dq and a dk/dv kernel (TUNING["bwd"]);
+    GQA summed in registers either way."""
     if seg is not None or interpret:
         raise NotImplementedError("mgpu kernels: no segment ids / interpret mode")
     del block_q, block_k  # the forward's tiles; the backward kernels have their own
