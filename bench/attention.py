@@ -36,11 +36,13 @@ SWEEP = [
 # would need 256 accumulator registers per thread.
 MGPU_SWEEP = [
     ("fwd", [(64, 128, 2), (64, 64, 2)]),
+    ("fwd_overlap", [True, False]),
     ("dq", [(64, 128, 2), (64, 64, 2), (64, 64, 3)]),
     ("dq_pingpong", [True, False]),
     ("dkv", [(64, 64, 2), (64, 64, 3)]),
     ("dkv_pingpong", [True, False]),
     ("bwd", ["two_kernel", "fused"]),
+    ("fused_dq_overlap", [True, False]),
 ]
 BACKEND = {"pallas": "gpu", "mgpu": "mgpu"}
 
