@@ -61,9 +61,24 @@ def default_backend() -> str:
                      "config.model.attention='xla'")
 
 
+def _local_gpu_arch() -> str | None:
+    """The compute capability ("9.0") of the local GPU, None without one."""
+    try:
+        return getattr(jax.local_devices(backend="gpu")[0], "compute_capability", None)
+    except (RuntimeError, ValueError):  # no GPU backend on this host
+        return None
+
+
 def _check(q, k, v, segment_ids, backend):
     if backend not in BACKENDS:
         raise ValueError(f"flash_attention: backend={backend!r}; choose one of {BACKENDS}")
+    arch = _local_gpu_arch() if backend == "mgpu" else None
+    if arch is not None and not arch.startswith("9."):
+        # wgmma and the TMA layouts these kernels use exist on sm90 only; the failure would
+        # otherwise surface as a Mosaic compile error deep inside the step's compile
+        raise ValueError(f"flash_attention: backend='mgpu' needs a Hopper GPU (sm90), this one "
+                         f"is sm{arch.replace('.', '')}; use backend='gpu' (Triton kernels) "
+                         "or config.model.attention='cudnn'")
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"flash_attention: want q (B,T,N,H) and k, v (B,T,K,H) of one shape; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")

@@ -239,6 +239,18 @@ def test_kernel_forward_is_saved_under_the_models_remat_policy(backend, target):
                              target=target) == n + 1
 
 
+def test_mosaic_gpu_backend_names_the_fix_on_a_gpu_that_is_not_hopper(monkeypatch):
+    from kernels import attention
+
+    q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    monkeypatch.setattr(attention, "_local_gpu_arch", lambda: "8.0")
+    with pytest.raises(ValueError, match=r"needs a Hopper GPU \(sm90\), this one is sm80; use "
+                                         "backend='gpu'"):
+        jax.eval_shape(lambda q: flash_attention(q, q, q, backend="mgpu"), q)
+    monkeypatch.setattr(attention, "_local_gpu_arch", lambda: "9.0")
+    assert jax.eval_shape(lambda q: flash_attention(q, q, q, backend="mgpu"), q).shape == q.shape
+
+
 def test_mosaic_gpu_backend_falls_back_where_it_does_not_apply():
     """Segment ids, fp32 and interpret mode go to the Triton-lowered kernels."""
     ks = jax.random.split(jax.random.key(3), 3)
