@@ -8,7 +8,12 @@ Each variant is `name:key=value,key=value` over the config (any config key). Eve
 variant runs the real `train_step` (jit, donation, the config's mesh over all local
 devices) on fresh random tokens, warms up, then times `--steps` steps and reports the
 median. MFU uses the PaLM convention (config.flops_per_token) over the chip's bf16 peak.
-Prints one JSON line per variant and a table last.
+Prints one JSON line per variant and a table last. `--transformers=compile` first times
+transformers Olmo2 + torch.compile at the same shape (bench/transformers_step.py, in its own
+process) and adds each variant's ratio to it ("vs hf"):
+
+    python bench/train_step.py --config=configs/1b.py --transformers=compile \
+        --variant=b8:train.global_batch_size=8
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import runpy
 import statistics
+import subprocess
 import sys
 import time
 
@@ -131,7 +137,14 @@ def main():
     ap.add_argument("--gpu-pallas-kernels", choices=("gpu", "mgpu"), default=None,
                     help="kernels behind model.attention=pallas on GPUs: gpu (Triton lowering, "
                          "the default) or mgpu (Mosaic GPU, Hopper; docs/kernels.md)")
+    ap.add_argument("--transformers", choices=("compile", "eager"), default=None,
+                    help="also time transformers Olmo2 at the same shape (torch.compile or "
+                         "eager; bench/transformers_step.py) and print each variant's ratio")
+    ap.add_argument("--transformers-batch", type=int, default=8,
+                    help="batch size of the transformers step (the issue's anchor used 8)")
     args = ap.parse_args()
+    # first, in its own process: JAX holds most of the GPU's memory once it has started
+    hf = _transformers_step(args) if args.transformers else None
     if args.gpu_pallas_kernels:
         from kernels import attention as kernels_attention
 
@@ -145,6 +158,8 @@ def main():
               "device": f"{jax.device_count()} x {device.device_kind}", "jax": jax.__version__,
               "config": args.config, "seq": args.seq}
     print(json.dumps(header), flush=True)
+    if hf is not None:
+        print(json.dumps(hf), flush=True)
     results = []
     for spec in variants:
         name, _, overrides = spec.partition(":")
@@ -155,17 +170,51 @@ def main():
             r = {"variant": name, "error": repr(e)[:400]}
         results.append(r)
         print(json.dumps(r), flush=True)
+    hf_tok_s = (hf or {}).get("tok_s")
+    if hf_tok_s:
+        c = runpy.run_path(args.config)["get_config"]()
+        fpt = config_lib.flops_per_token(c.model, args.seq)
+        hf["mfu"] = round(hf_tok_s * fpt / (metrics.peak_flops_per_device() or float("nan")), 4)
+        for r in results:
+            if "tok_s" in r:
+                r["vs_transformers"] = round(r["tok_s"] / hf_tok_s, 3)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({**header, "results": results}, f, indent=2)
-    print(f"\n{'variant':<24}{'tok/s':>10}{'MFU':>8}{'step s':>9}{'peak GiB':>10}{'compile s':>11}")
+            json.dump({**header, "transformers": hf, "results": results}, f, indent=2)
+    print(f"\n{'variant':<24}{'tok/s':>10}{'MFU':>8}{'step s':>9}{'peak GiB':>10}{'compile s':>11}"
+          + (f"{'vs hf':>8}" if hf_tok_s else ""))
     for r in results:
         if "error" in r:
             print(f"{r['variant']:<24} ERROR {r['error'][:80]}")
         else:
             print(f"{r['variant']:<24}{r['tok_s']:>10}{r['mfu']:>8.3f}{r['step_s']:>9.3f}"
-                  f"{r['peak_gib']:>10}{r['compile_s']:>11}")
+                  f"{r['peak_gib']:>10}{r['compile_s']:>11}"
+                  + (f"{r['vs_transformers']:>8.2f}" if hf_tok_s else ""))
+    if hf is not None:
+        if hf_tok_s:
+            print(f"{hf['impl'] + ' b' + str(hf['batch']):<24}{hf_tok_s:>10}{hf['mfu']:>8.3f}"
+                  f"{hf['step_s']:>9.3f}{hf['peak_gib']:>10}{hf['warmup_s']:>11}")
+        else:
+            print(f"{'transformers':<24} ERROR {hf.get('error', '')[:80]}")
+
+
+def _transformers_step(args) -> dict:
+    """bench/transformers_step.py in a subprocess: its JSON line, or {"error": ...}."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "transformers_step.py"),
+           f"--config={args.config}", f"--seq={args.seq}", f"--batch={args.transformers_batch}",
+           f"--steps={args.steps}", f"--warmup={args.warmup}"]
+    if args.transformers == "compile":
+        cmd.append("--compile")
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        return {"impl": "transformers", "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(lines[-1])
 
 
 if __name__ == "__main__":
