@@ -47,8 +47,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="attention_parts.json")
     ap.add_argument("--kernels",
-                    default="fwd,fwd_no_overlap,dq,dkv,bwd_fused,bwd_fused_no_overlap,chain_two_kernel,"
-                            "chain_fused,chain_cudnn",
+                    default="fwd,fwd_no_overlap,dq,dkv,bwd_fused,bwd_fused_no_overlap,"
+                            "chain_two_kernel,chain_fused,chain_cudnn",
                     help="comma list of the kernels to check and time")
     args = ap.parse_args()
     wanted = args.kernels.split(",")

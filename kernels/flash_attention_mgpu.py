@@ -181,6 +181,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
     tile = n_q_tiles - 1 - lax.axis_index("q_tile")  # heaviest causal tiles first
     cta_q0 = tile * (2 * bq)
     cta_kv_steps = lax.div(cta_q0 + 2 * bq + bk - 1, jnp.int32(bk))
+    overlap = TUNING["fwd_overlap"]  # consumers and producer follow the same schedule
 
     sched_sync = functools.partial(_meet, sched)
 
@@ -198,7 +199,6 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
         l = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((bq, H), 0, jnp.float32), plgpu.Layout.WGMMA)
         plgpu.barrier_wait(k_bar.at[0])  # every warpgroup has at least one key tile
-        overlap = TUNING["fwd_overlap"]
         if not overlap:
             pl.when(wg == 1)(sched_sync)
 
@@ -273,7 +273,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, smem, bars, consumed, sched
     @pl.when(wg == 2)
     def _producer():
         kvh = lax.div(h, jnp.int32(G))
-        if TUNING["fwd_overlap"]:
+        if overlap:
             _produce_v_lagged(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, b,
                               kvh, bk, cta_kv_steps, stages)
         else:

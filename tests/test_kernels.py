@@ -191,11 +191,11 @@ def _mgpu_fwd_bwd(q, k, v):
 @pytest.mark.parametrize("B,T,N,K,H", [(2, 1000, 8, 2, 128), (2, 512, 4, 4, 64),
                                        (1, 256, 8, 1, 128)])
 def test_mosaic_gpu_kernels_lower_for_hopper(B, T, N, K, H, fwd_overlap, monkeypatch):
-    """The Hopper kernels (forward, dq, dk/dv of the two-kernel backward) build and fit shared memory for GQA ratios
-    1/2/8, head_dim 64/128 and a padded T, with the forward's softmax pipelined under its
-    PV matmul or not; their numbers are checked on the H200 against cuDNN by
-    bench/attention.py (docs/kernels.md): Mosaic GPU has no CPU interpreter for their wgmma
-    accumulators."""
+    """The Hopper kernels (forward, dq, dk/dv of the two-kernel backward) build and fit
+    shared memory for GQA ratios 1/2/8, head_dim 64/128 and a padded T, with the forward's
+    softmax pipelined under its PV matmul or not; their numbers are checked on the H200
+    against cuDNN by bench/attention.py (docs/kernels.md): Mosaic GPU has no CPU interpreter
+    for their wgmma accumulators."""
     from kernels import flash_attention_mgpu
 
     monkeypatch.setitem(flash_attention_mgpu.TUNING, "fwd_overlap", fwd_overlap)
