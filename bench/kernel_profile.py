@@ -24,6 +24,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -48,7 +49,66 @@ def classify(name: str) -> str:
     return "other"
 
 
-def summarize(trace_dir: str, top: int = 30) -> dict:
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*)$")
+_SHAPE = re.compile(r"[a-z]\w*\[([\d,]*)\]")
+
+
+def _dims(shape: str) -> list[int]:
+    m = _SHAPE.search(shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def hlo_ops(hlo_text: str) -> dict:
+    """{instruction name: {"shape", "flops", "op_name"}} from an optimized HLO module's text.
+
+    FLOPs are counted for dots, for fusions that call a computation holding dots (XLA's
+    Triton GEMM fusions) and for cuBLAS/cuBLASLt GEMM custom calls (2 x output elements x
+    contracted size), so a profile row can show the matmul's TFLOP/s; `op_name` is the JAX
+    source op (e.g. `.../mlp/dot_general`), which names the model part a kernel comes from.
+    """
+    shapes, info, comp_dots, comp_op = {}, {}, collections.Counter(), {}
+    comp = None
+    for line in hlo_text.splitlines():
+        if line.endswith("{") and "=" not in line.split("(")[0]:
+            comp = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        shapes[name] = shape
+        operands = re.findall(r"%?([\w.\-]+)", rest.split(")", 1)[0])
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        flops = 0.0
+        if opcode == "dot" or (opcode == "custom-call" and re.search(
+                r'custom_call_target="__cublas\S*(gemm|matmul)', rest)):
+            key = "lhs_contracting_dims={" if opcode == "dot" else '"lhs_contracting_dimensions":['
+            cd = rest.split(key, 1)[1].split("}" if opcode == "dot" else "]", 1)[0] if key in rest else ""
+            lhs = _dims(shapes.get(operands[0], "")) if operands else []
+            k = 1
+            for d in re.findall(r"\d+", cd):
+                k *= lhs[int(d)] if int(d) < len(lhs) else 1
+            out = 1
+            for d in _dims(shape):
+                out *= d
+            flops = 2.0 * out * k
+            if comp:
+                comp_dots[comp] += flops
+        if comp and op_name and line.lstrip().startswith("ROOT"):
+            comp_op[comp] = op_name.group(1)
+        calls = re.search(r"calls=%?([\w.\-]+)", rest)
+        info[name] = {"shape": shape.split("{")[0], "flops": flops,
+                      "op_name": op_name.group(1) if op_name else None,
+                      "calls": calls.group(1) if calls else None}
+    for v in info.values():
+        c = v.pop("calls")
+        if c:
+            v["flops"] = v["flops"] or comp_dots.get(c, 0.0)
+            v["op_name"] = v["op_name"] or comp_op.get(c)
+    return info
+
+
+def summarize(trace_dir: str, top: int = 30, ops: dict | None = None) -> dict:
     path = sorted(glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True))[-1]
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
@@ -60,11 +120,13 @@ def summarize(trace_dir: str, top: int = 30) -> dict:
     if not kernels:
         return {"error": f"no device events in {path} (processes: {sorted(names.values())})"}
     by_op, by_cls, count = (collections.Counter() for _ in range(3))
+    hlo_of = {}
     spans = []
     for e in kernels:
         args = e.get("args", {})
         op = args.get("hlo_op") or e["name"]
         key = f"{op} [{e['name'][:60]}]" if args.get("hlo_op") else op
+        hlo_of[key] = op
         by_op[key] += e["dur"]
         count[key] += 1
         by_cls[classify(f"{e['name']} {op}")] += e["dur"]
@@ -77,11 +139,45 @@ def summarize(trace_dir: str, top: int = 30) -> dict:
             end = t
     wall = spans[-1][1] - spans[0][0]
     total = sum(by_op.values())
-    return {"trace": path, "device_wall_us": wall, "device_busy_us": busy,
-            "kernel_sum_us": total, "kernels": len(kernels),
-            "classes": {k: v for k, v in by_cls.most_common()},
-            "top": [{"op": k, "us": v, "pct": 100 * v / total, "count": count[k]}
-                    for k, v in by_op.most_common(top)]}
+    out = {"trace": path, "device_wall_us": wall, "device_busy_us": busy,
+           "kernel_sum_us": total, "kernels": len(kernels),
+           "classes": {k: v for k, v in by_cls.most_common()},
+           "top": [_row(k, v, total, count[k], (ops or {}).get(hlo_of[k]))
+                   for k, v in by_op.most_common(top)]}
+    if ops:
+        out["sources"] = _by_source(by_op, count, hlo_of, ops, total, top)
+    return out
+
+
+def _by_source(by_op, count, hlo_of, ops, total, top):
+    """Kernel time summed by JAX source op and shape, with the layer index folded
+    (`layers_7` -> `layers_*`): one row per kind of work in the step, e.g. all the MLP
+    up-projection GEMMs of the forward, with their TFLOP/s."""
+    us, n, flops = collections.Counter(), collections.Counter(), collections.Counter()
+    for key, t in by_op.items():
+        op = ops.get(hlo_of[key])
+        src = re.sub(r"layers_\d+", "layers_*", op["op_name"] or hlo_of[key]) if op else key
+        k = (src, op["shape"] if op else "")
+        us[k] += t
+        n[k] += count[key]
+        flops[k] += (op["flops"] if op else 0.0) * count[key]
+    rows = []
+    for (src, shape), t in us.most_common(top):
+        r = {"source": src, "shape": shape, "us": t, "pct": 100 * t / total, "count": n[src, shape]}
+        if flops[src, shape]:
+            r["tflops"] = round(flops[src, shape] / t / 1e6, 1)
+        rows.append(r)
+    return rows
+
+
+def _row(key, us, total, n, op):
+    """A table row; with the op's HLO info, its shape, source op and (for GEMMs) TFLOP/s."""
+    r = {"op": key, "us": us, "pct": 100 * us / total, "count": n}
+    if op:
+        r.update(shape=op["shape"], op_name=op["op_name"])
+        if op["flops"]:
+            r["tflops"] = round(op["flops"] * n / us / 1e6, 1)
+    return r
 
 
 def print_summary(s: dict, label: str, per: int = 1):
@@ -97,6 +193,18 @@ def print_summary(s: dict, label: str, per: int = 1):
     for r in s["top"]:
         print(f"   {r['op'][:100]:<100}{r['us'] / 1e3 / per:>9.3f}{r['pct']:>7.1f}"
               f"{r['count'] // per:>7}")
+        if "shape" in r:
+            tf = f"  {r['tflops']} TFLOP/s" if "tflops" in r else ""
+            print(f"      {r['shape']}{tf}  {(r['op_name'] or '')[-90:]}")
+    if s.get("sources"):
+        print(f"\n   by source op, layers folded{'':<67}{'ms':>9}{'%':>7}{'n':>7}  TFLOP/s")
+        for r in s["sources"]:
+            src = r["source"]
+            for noise in ("jit(train_step)/", "(Transformer.hidden)", "Transformer._layers/",
+                          "checkpoint/", "while/body/", "closed_call/"):
+                src = src.replace(noise, "")
+            print(f"   {(src[-70:] + ' ' + r['shape'])[:94]:<94}{r['us'] / 1e3 / per:>9.3f}"
+                  f"{r['pct']:>7.1f}{r['count'] // per:>7}  {r.get('tflops', '')}")
 
 
 def _traced(run):
@@ -124,6 +232,7 @@ def profile_train(a):
         for b in batches:
             state, m = compiled(state, b)
         jax.block_until_ready(m)
+    a.hlo_text = compiled.as_text()
     return (*_traced(run), a.steps)
 
 
@@ -173,13 +282,21 @@ def main():
     ap.add_argument("--impl", default="mgpu", choices=("mgpu", "pallas", "cudnn", "xla"),
                     help="attention: the implementation to profile")
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--no-command-buffers", action="store_true",
+                    help="train: run XLA GPU ops outside CUDA graphs, so each kernel is named "
+                         "by its HLO op and the table shows its shape, source and TFLOP/s")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.no_command_buffers:  # before jax starts: XLA reads its flags once
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_gpu_enable_command_buffer=").strip()
     import jax
     profile = {"train": profile_train, "decode": profile_decode,
                "attention": profile_attention}[a.what]
+    a.hlo_text = None
     d, secs, per = profile(a)
-    s = summarize(d, a.top)
+    s = summarize(d, a.top, hlo_ops(a.hlo_text) if a.hlo_text else None)
+    del a.hlo_text
     s.update(what=a.what, args=vars(a), host_seconds=secs, per=per, jax=jax.__version__,
              device=jax.devices()[0].device_kind,
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

@@ -31,3 +31,48 @@ def test_transformers_step_refuses_a_model_of_another_shape(monkeypatch):
     with pytest.raises(ValueError, match="parameters, our config configs/tiny.py"):
         transformers_step.run("configs/tiny.py", seq=32, batch=2, steps=1, warmup=0,
                               compile_=False, device="cpu")
+
+
+def test_kernel_profile_reads_gemm_flops_and_source_from_hlo():
+    """The profile's per-op TFLOP/s rests on this: FLOPs of dots (plain and inside fusions)
+    and of cuBLAS custom calls, from the optimized HLO text."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench.kernel_profile import hlo_ops
+
+    def f(a, b, c):
+        return jax.nn.relu(a @ b) @ c
+
+    args = [jnp.ones(s, jnp.bfloat16) for s in ((64, 32), (32, 48), (48, 16))]
+    ops = hlo_ops(jax.jit(f).lower(*args).compile().as_text())
+    flops = sorted({v["flops"] for v in ops.values() if v["flops"]})
+    assert flops == [2 * 64 * 16 * 48, 2 * 64 * 48 * 32]
+    assert all("dot_general" in v["op_name"] for v in ops.values() if v["flops"])
+    gpu_line = ('  %custom-call.7 = (bf16[4096,2048]{1,0}, s8[33554432]{0}) custom-call(%p.1, %p.2),'
+                ' custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":'
+                '{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
+                '"rhs_contracting_dimensions":["0"]}}}')
+    text = ("ENTRY %main (p.1: bf16[4096,8192], p.2: bf16[8192,2048]) -> bf16[4096,2048] {\n"
+            "  %p.1 = bf16[4096,8192]{1,0} parameter(0)\n  %p.2 = bf16[8192,2048]{1,0} parameter(1)\n"
+            + gpu_line + "\n}\n")
+    assert hlo_ops(text)["custom-call.7"]["flops"] == 2 * 4096 * 2048 * 8192
+
+
+def test_kernel_profile_folds_layers_into_one_row_per_source():
+    import collections
+
+    from bench.kernel_profile import _by_source
+
+    ops = {f"custom-call.{i}": {"shape": "bf16[4096,2048]", "flops": 1e12,
+                                "op_name": f"jit(train_step)/layers_{i}/mlp/dot_general"}
+           for i in range(2)}
+    ops["fusion.1"] = {"shape": "bf16[4096,8192]", "flops": 0.0, "op_name": "layers_0/mlp/mul"}
+    keys = {f"{k} [kernel]": k for k in ops}
+    us = collections.Counter({"custom-call.0 [kernel]": 1500.0, "custom-call.1 [kernel]": 1700.0,
+                              "fusion.1 [kernel]": 100.0})
+    rows = _by_source(us, collections.Counter(dict.fromkeys(us, 1)), keys, ops, 3300.0, 10)
+    assert rows[0]["source"] == "jit(train_step)/layers_*/mlp/dot_general"
+    assert rows[0]["count"] == 2 and rows[0]["us"] == 3200.0
+    assert rows[0]["tflops"] == 625.0  # 2e12 FLOPs in 3.2 ms
+    assert "tflops" not in rows[1]
