@@ -73,7 +73,8 @@ def build(config_path: str, seq: int, overrides: str):
         step_fn = jax.jit(
             train.make_train_step(model, tx, schedule, accum_steps=accum,
                                   z_loss_weight=c.train.z_loss_weight,
-                                  loss_chunks=c.train.loss_chunks, mesh=mesh),
+                                  loss_chunks=c.train.loss_chunks,
+                                  loss_logits_dtype=c.train.loss_logits_dtype, mesh=mesh),
             in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
         B, T = c.train.global_batch_size, seq
 

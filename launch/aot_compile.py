@@ -69,6 +69,7 @@ def compile_step(config, topology: str) -> dict:
         step = jax.jit(
             train.make_train_step(model, tx, schedule, accum_steps=accum,
                                   z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks,
+                                  loss_logits_dtype=t.loss_logits_dtype,
                                   mesh=mesh),
             in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
         t0 = time.time()

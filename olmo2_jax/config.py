@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     t.micro_batch_size = 0  # sequences per forward/backward; 0 = global (no accumulation)
     t.z_loss_weight = 1e-5
     t.loss_chunks = 8  # fused LM head + loss over this many sequence chunks; 0 = full logits
+    # Fused loss only: dtype the LM-head matmul writes its logits in (the loss math is fp32
+    # either way). "bfloat16" halves the loss's memory traffic and rounds the logits as
+    # torch autocast does (the official and transformers steps); "float32" is exact.
+    t.loss_logits_dtype = "float32"
     t.seed = 0
     t.log_every = 10
     t.peak_flops_per_device = 0.0  # 0 = from the device kind (None on CPU)
@@ -206,6 +210,11 @@ def validate(c, num_devices: int | None = None) -> None:
     need(t.loss_chunks >= 0 and (t.loss_chunks == 0 or c.data.seq_len % t.loss_chunks == 0),
          f"config.train.loss_chunks={t.loss_chunks} must be 0 or divide data.seq_len="
          f"{c.data.seq_len}")
+    need(t.loss_logits_dtype in ("float32", "bfloat16"),
+         f"config.train.loss_logits_dtype={t.loss_logits_dtype!r}: choose 'float32' or 'bfloat16'")
+    need(t.loss_logits_dtype == "float32" or t.loss_chunks > 0,
+         f"config.train.loss_logits_dtype={t.loss_logits_dtype!r} needs the fused loss: set "
+         "config.train.loss_chunks > 0 (e.g. 8) or loss_logits_dtype='float32'")
 
     need(o.schedule in SCHEDULES, f"config.optim.schedule={o.schedule!r}: choose one of {SCHEDULES}")
     need(o.lr >= 0, f"config.optim.lr={o.lr} must be >= 0")

@@ -36,7 +36,8 @@ def cross_entropy_with_z_loss(logits_BTV, targets_BT, mask_BT, z_loss_weight: fl
 
 
 def fused_lm_head_loss(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
-                       mask_BT: jax.Array, z_loss_weight: float, n_chunks: int):
+                       mask_BT: jax.Array, z_loss_weight: float, n_chunks: int,
+                       logits_dtype=jnp.float32):
     """LM head + CE + z-loss without materialising the [B, T, V] logits.
 
     `hidden_BTD` is in the compute dtype, `w_DV` the (fp32) LM head weight.
@@ -45,14 +46,16 @@ def fused_lm_head_loss(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.A
     The sequence is cut into `n_chunks` pieces scanned one at a time; each piece's
     gradient is computed in the forward pass (the loss is the end of the graph), so the
     step runs the three LM-head matmuls once each, all in the compute dtype, with fp32
-    logits alive for one chunk only.
+    logits alive for one chunk only. `logits_dtype` is what the matmul writes (bf16 halves
+    the traffic of the passes over the logits); the softmax math is fp32 either way.
     """
     loss, ce, z = _fused(hidden_BTD, w_DV, targets_BT.astype(jnp.int32),
-                         mask_BT.astype(jnp.float32), float(z_loss_weight), int(n_chunks))
+                         mask_BT.astype(jnp.float32), float(z_loss_weight), int(n_chunks),
+                         jnp.dtype(logits_dtype).name)
     return loss, ce, z, jnp.sum(mask_BT.astype(jnp.float32))
 
 
-def _fused_scan(h, w, targets, mask, zw, n_chunks, with_grads):
+def _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, with_grads):
     B, T, D = h.shape
     V = w.shape[1]
     wc = w.astype(h.dtype)  # matmuls in the compute dtype; dw accumulates in fp32
@@ -62,7 +65,8 @@ def _fused_scan(h, w, targets, mask, zw, n_chunks, with_grads):
 
     def body(dw, xs):
         h_c, t_c, m_c = xs
-        logits = jnp.einsum("BTD,DV->BTV", h_c, wc, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,DV->BTV", h_c, wc, preferred_element_type=jnp.dtype(logits_dtype))
+        logits = logits.astype(jnp.float32)  # fused into the passes that read it
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
         ce, z = jnp.sum((lse - tgt) * m_c), jnp.sum(jnp.square(lse) * m_c)
@@ -86,18 +90,19 @@ def _fused_scan(h, w, targets, mask, zw, n_chunks, with_grads):
     return ce, z, dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(h, w, targets, mask, zw, n_chunks):
-    ce, z = _fused_scan(h, w, targets, mask, zw, n_chunks, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(h, w, targets, mask, zw, n_chunks, logits_dtype):
+    ce, z = _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, with_grads=False)
     return ce + zw * z, ce, z
 
 
-def _fused_fwd(h, w, targets, mask, zw, n_chunks):
-    ce, z, dh, dw = _fused_scan(h, w, targets, mask, zw, n_chunks, with_grads=True)
+def _fused_fwd(h, w, targets, mask, zw, n_chunks, logits_dtype):
+    ce, z, dh, dw = _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype,
+                                with_grads=True)
     return (ce + zw * z, ce, z), (dh, dw.astype(w.dtype), targets, mask)  # w is fp32: exact
 
 
-def _fused_bwd(zw, n_chunks, res, cts):
+def _fused_bwd(zw, n_chunks, logits_dtype, res, cts):
     dh, dw, targets, mask = res
     ct = cts[0]
     return ((ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype),

@@ -70,7 +70,8 @@ def create_state(model, tx, mesh, rng, skip_window: int = 0):
 
 
 def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_loss_weight: float,
-                    loss_chunks: int = 0, mesh=None, skip_sigma: float = 0.0):
+                    loss_chunks: int = 0, loss_logits_dtype: str = "float32", mesh=None,
+                    skip_sigma: float = 0.0):
     """Returns the pure train_step. With accum_steps > 1 the batch is split into that many
     micro-batches, scanned with summed gradients, and normalised by the total count of
     loss tokens, so the update equals that of the whole batch at once. loss_chunks > 0
@@ -82,7 +83,8 @@ def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_los
         if loss_chunks:
             hidden = model.apply({"params": params}, *args, method=Transformer.hidden)
             loss, ce, z, n = fused_lm_head_loss(hidden, params["lm_head"], batch["targets"],
-                                                batch["loss_mask"], z_loss_weight, loss_chunks)
+                                                batch["loss_mask"], z_loss_weight, loss_chunks,
+                                                loss_logits_dtype)
             return loss, (ce, z, n)
         ce, z, n = loss_sums(model.apply({"params": params}, *args), batch["targets"],
                              batch["loss_mask"])
@@ -264,7 +266,8 @@ def train(config, workdir: str) -> dict:
                   f"workdir {workdir}", flush=True)
         step_fn = jax.jit(
             make_train_step(model, tx, schedule, accum_steps=accum,
-                            z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks, mesh=mesh,
+                            z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks,
+                            loss_logits_dtype=t.loss_logits_dtype, mesh=mesh,
                             skip_sigma=t.skip_sigma),
             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
             donate_argnums=(0,))

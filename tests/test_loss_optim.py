@@ -4,9 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 
@@ -112,3 +110,44 @@ def test_fused_lm_head_loss_equals_full_logits(n_chunks):
         assert float(b) == pytest.approx(float(a), rel=1e-5)
     np.testing.assert_allclose(g2[0], g1[0], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(g2[1], g1[1], rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_with_bf16_logits_rounds_the_logits_only():
+    """loss_logits_dtype="bfloat16": the loss is that of the bf16-rounded logits (what
+    torch autocast computes), the softmax math stays fp32, and the gradients agree."""
+    k = jax.random.split(jax.random.PRNGKey(1), 4)
+    B, T, D, V = 2, 8, 16, 40
+    h = jax.random.normal(k[0], (B, T, D)).astype(jnp.bfloat16)
+    w = jax.random.normal(k[1], (D, V)) * 2.0  # logits of ~10: bf16 rounding is visible
+    targets = jax.random.randint(k[2], (B, T), 0, V)
+    mask = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
+    zw = 1e-2
+
+    def rounded(h, w):
+        logits = jnp.einsum("BTD,DV->BTV", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        ce, z, _ = loss_sums(logits.astype(jnp.bfloat16), targets, mask)
+        return ce + zw * z
+
+    def fused(h, w, dtype):
+        return fused_lm_head_loss(h, w, targets, mask, zw, 2, dtype)[0]
+
+    l_ref, g_ref = jax.value_and_grad(rounded, argnums=(0, 1))(h, w)
+    l_bf16, g_bf16 = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)), static_argnums=2)(
+        h, w, "bfloat16")
+    l_f32 = jax.jit(fused, static_argnums=2)(h, w, "float32")
+    assert float(l_bf16) == pytest.approx(float(l_ref), rel=1e-6)
+    assert abs(float(l_f32) - float(l_ref)) > 1e-4  # the rounding is real at this scale
+    np.testing.assert_allclose(np.asarray(g_bf16[1]), np.asarray(g_ref[1]), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(g_bf16[0], np.float32), np.asarray(g_ref[0], np.float32),
+                               rtol=3e-2, atol=3e-2)
+
+
+def test_config_rejects_bf16_logits_without_the_fused_loss():
+    c = config_lib.base_config()
+    c.train.loss_chunks = 0
+    c.train.loss_logits_dtype = "bfloat16"
+    with pytest.raises(config_lib.ConfigError, match="loss_chunks"):
+        config_lib.validate(c, 1)
+    c.train.loss_logits_dtype = "fp16"
+    with pytest.raises(config_lib.ConfigError, match="loss_logits_dtype"):
+        config_lib.validate(c, 1)
