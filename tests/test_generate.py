@@ -139,7 +139,7 @@ def test_bad_requests_fail_before_compiling(tiny):
 
 def test_greedy_matches_transformers_generate(tmp_path):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from tests.test_convert import tiny_hf_model
     from olmo2_jax import checkpoint, convert
     hf = tiny_hf_model(seed=3)
