@@ -76,3 +76,23 @@ def test_kernel_profile_folds_layers_into_one_row_per_source():
     assert rows[0]["count"] == 2 and rows[0]["us"] == 3200.0
     assert rows[0]["tflops"] == 625.0  # 2e12 FLOPs in 3.2 ms
     assert "tflops" not in rows[1]
+
+
+def test_gemm_bench_times_the_steps_shapes_and_refuses_mgpu_off_gpu(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from bench import gemm
+
+    out = tmp_path / "gemm.json"
+    monkeypatch.setattr(sys, "argv", ["gemm.py", "--impls=xla", "--tokens=64",
+                                      "--shapes=attn_proj,swiglu", f"--out={out}"])
+    gemm.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["shape"] for r in rows] == ["attn_proj", "swiglu_fwd"]
+    assert rows[0]["mkn"] == [64, 2048, 2048] and rows[0]["tflops"] > 0
+    assert rows[1]["with_product_ms"] > 0
+    monkeypatch.setattr(sys, "argv", ["gemm.py", "--impls=mgpu"])
+    with pytest.raises(SystemExit):
+        gemm.main()
+    assert "needs a Hopper GPU" in capsys.readouterr().err

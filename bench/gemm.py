@@ -1,0 +1,139 @@
+"""GEMM throughput at the 1B training step's shapes, and what the SwiGLU product costs
+beside them: the measured baseline for fusing elementwise work into GEMMs of our own.
+
+    python bench/gemm.py --out=/tmp/gemm.json                  # H100 / H200
+    python bench/gemm.py --impls=xla --tokens=512 --quick      # anywhere (CPU: XLA only)
+
+Per shape (M = tokens of a batch-8 step, 32768 by default) it times XLA's GEMM (cuBLAS
+on GPUs) and, with `mgpu` in --impls, a warp-specialized Mosaic GPU Hopper GEMM (jax's
+Pallas example kernel `hopper_matmul_mgpu`, a sweep of its tile/grid settings) after
+checking it against XLA's result. `swiglu` rows time XLA's unfused forward
+silu(x Wg) * (x Wu) against its two GEMMs alone: the difference is what a GEMM with the
+product in its epilogue could save per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.attention import time_fn  # noqa: E402
+
+D, F, V = 2048, 8192, 100352  # OLMo-2-1B
+
+
+def shapes(tokens: int) -> dict[str, tuple[int, int, int]]:
+    """name -> (M, K, N) of the step's forward GEMMs (the backward's have the same sizes)."""
+    return {"attn_proj": (tokens, D, D), "mlp_up": (tokens, D, F), "mlp_down": (tokens, F, D),
+            "lm_head_chunk": (min(tokens, 4096), D, V)}
+
+
+def _operands(m, k, n, seed=0):
+    ka, kb = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(ka, (m, k), jnp.bfloat16),
+            (jax.random.normal(kb, (k, n), jnp.float32) * k ** -0.5).astype(jnp.bfloat16))
+
+
+def _mgpu_configs(quick: bool):
+    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+    dims = hm.MatmulDimension
+    grid = [(dims.N, 8)] if quick else list(itertools.product((dims.M, dims.N), (4, 8, 16)))
+    for wg, (minor, width) in itertools.product((dims.N, dims.M), grid):
+        yield hm, hm.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                                  grid_minor_dim=minor, grid_tile_width=width,
+                                  wg_dimension=wg)
+
+
+def bench_gemm(name, m, k, n, impls, quick):
+    a, b = _operands(m, k, n)
+    flops = 2.0 * m * n * k
+    xla = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+                  .astype(jnp.bfloat16))
+    ref = xla(a, b)
+    rows = []
+    if "xla" in impls:
+        t = time_fn(xla, (a, b))
+        rows.append({"shape": name, "mkn": [m, k, n], "impl": "xla", "ms": round(t * 1e3, 4),
+                     "tflops": round(flops / t / 1e12, 1)})
+    if "mgpu" in impls:
+        best = None
+        for hm, cfg in _mgpu_configs(quick):
+            try:
+                f = jax.jit(lambda a, b, cfg=cfg: hm.matmul(a, b, None, cfg))
+                out = f(a, b)
+                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
+                            / jnp.max(jnp.abs(ref.astype(jnp.float32))))
+                if err > 2e-2:
+                    raise AssertionError(f"max error {err:.3g} against XLA's result")
+                t = time_fn(f, (a, b))
+            except Exception as e:  # noqa: BLE001 -- a config that does not build is skipped
+                print(json.dumps({"shape": name, "impl": "mgpu", "config": str(cfg),
+                                  "error": repr(e)[:200]}), flush=True)
+                continue
+            if best is None or t < best[0]:
+                best = (t, cfg, err)
+        if best:
+            t, cfg, err = best
+            rows.append({"shape": name, "mkn": [m, k, n], "impl": "mgpu", "ms": round(t * 1e3, 4),
+                         "tflops": round(flops / t / 1e12, 1), "max_rel_err": round(err, 5),
+                         "config": {"wg": str(cfg.wg_dimension), "minor": str(cfg.grid_minor_dim),
+                                    "width": cfg.grid_tile_width}})
+    return rows
+
+
+def bench_swiglu(m):
+    """XLA's unfused SwiGLU forward against its two GEMMs: the product's own cost."""
+    x, wg = _operands(m, D, F, seed=1)
+    _, wu = _operands(m, D, F, seed=2)
+    gemms = jax.jit(lambda x, wg, wu: (x @ wg, x @ wu))
+    swiglu = jax.jit(lambda x, wg, wu: (x @ wg, x @ wu, jax.nn.silu(x @ wg) * (x @ wu)))
+    t_g, t_s = time_fn(gemms, (x, wg, wu)), time_fn(swiglu, (x, wg, wu))
+    return {"shape": "swiglu_fwd", "m": m, "two_gemms_ms": round(t_g * 1e3, 4),
+            "with_product_ms": round(t_s * 1e3, 4), "product_ms": round((t_s - t_g) * 1e3, 4)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--impls", default="xla,mgpu", help="comma list of xla, mgpu")
+    ap.add_argument("--tokens", type=int, default=32768, help="M: tokens per step (batch x seq)")
+    ap.add_argument("--quick", action="store_true", help="mgpu: two configs per shape")
+    ap.add_argument("--shapes", default="attn_proj,mlp_up,mlp_down,lm_head_chunk,swiglu",
+                    help="comma list of the shapes to run (and swiglu)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    impls, wanted = set(a.impls.split(",")), a.shapes.split(",")
+    known = [*shapes(a.tokens), "swiglu"]
+    if unknown := [w for w in wanted if w not in known]:
+        ap.error(f"--shapes: unknown {unknown}; choose from {known}")
+    if not impls <= {"xla", "mgpu"}:
+        ap.error(f"--impls={a.impls}: choose from xla, mgpu")
+    if "mgpu" in impls and jax.devices()[0].platform != "gpu":
+        ap.error("--impls=mgpu needs a Hopper GPU; use --impls=xla here")
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": jax.devices()[0].device_kind, "jax": jax.__version__, "tokens": a.tokens}
+    print(json.dumps(header), flush=True)
+    rows = []
+    for name, (m, k, n) in shapes(a.tokens).items():
+        for r in bench_gemm(name, m, k, n, impls, a.quick) if name in wanted else ():
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    if "swiglu" in wanted:
+        rows.append(bench_swiglu(a.tokens))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump({**header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
