@@ -82,8 +82,9 @@ def hlo_ops(hlo_text: str) -> dict:
         flops = 0.0
         if opcode == "dot" or (opcode == "custom-call" and re.search(
                 r'custom_call_target="__cublas\S*(gemm|matmul)', rest)):
-            key = "lhs_contracting_dims={" if opcode == "dot" else '"lhs_contracting_dimensions":['
-            cd = rest.split(key, 1)[1].split("}" if opcode == "dot" else "]", 1)[0] if key in rest else ""
+            key, end = (("lhs_contracting_dims={", "}") if opcode == "dot"
+                        else ('"lhs_contracting_dimensions":[', "]"))
+            cd = rest.split(key, 1)[1].split(end, 1)[0] if key in rest else ""
             lhs = _dims(shapes.get(operands[0], "")) if operands else []
             k = 1
             for d in re.findall(r"\d+", cd):

@@ -45,7 +45,7 @@ def fused_lm_head_loss(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.A
     loss_sum is differentiable (the rest are metrics; their cotangents are ignored).
     The sequence is cut into `n_chunks` pieces scanned one at a time; each piece's
     gradient is computed in the forward pass (the loss is the end of the graph), so the
-    step runs the three LM-head matmuls once each, all in the compute dtype, with fp32
+    step runs the three LM-head matmuls once each, all in the compute dtype, with the
     logits alive for one chunk only. `logits_dtype` is what the matmul writes (bf16 halves
     the traffic of the passes over the logits); the softmax math is fp32 either way.
     """

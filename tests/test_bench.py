@@ -49,12 +49,14 @@ def test_kernel_profile_reads_gemm_flops_and_source_from_hlo():
     flops = sorted({v["flops"] for v in ops.values() if v["flops"]})
     assert flops == [2 * 64 * 16 * 48, 2 * 64 * 48 * 32]
     assert all("dot_general" in v["op_name"] for v in ops.values() if v["flops"])
-    gpu_line = ('  %custom-call.7 = (bf16[4096,2048]{1,0}, s8[33554432]{0}) custom-call(%p.1, %p.2),'
+    gpu_line = ('  %custom-call.7 = (bf16[4096,2048]{1,0}, s8[33554432]{0}) '
+                'custom-call(%p.1, %p.2),'
                 ' custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":'
                 '{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
                 '"rhs_contracting_dimensions":["0"]}}}')
     text = ("ENTRY %main (p.1: bf16[4096,8192], p.2: bf16[8192,2048]) -> bf16[4096,2048] {\n"
-            "  %p.1 = bf16[4096,8192]{1,0} parameter(0)\n  %p.2 = bf16[8192,2048]{1,0} parameter(1)\n"
+            "  %p.1 = bf16[4096,8192]{1,0} parameter(0)\n"
+            "  %p.2 = bf16[8192,2048]{1,0} parameter(1)\n"
             + gpu_line + "\n}\n")
     assert hlo_ops(text)["custom-call.7"]["flops"] == 2 * 4096 * 2048 * 8192
 
