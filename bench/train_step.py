@@ -72,9 +72,7 @@ def build(config_path: str, seq: int, overrides: str):
         bs = sharding.batch_sharding(mesh)
         step_fn = jax.jit(
             train.make_train_step(model, tx, schedule, accum_steps=accum,
-                                  z_loss_weight=c.train.z_loss_weight,
-                                  loss_chunks=c.train.loss_chunks,
-                                  loss_logits_dtype=c.train.loss_logits_dtype, mesh=mesh),
+                                  **train.loss_options(c.train), mesh=mesh),
             in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
         B, T = c.train.global_batch_size, seq
 

@@ -68,9 +68,7 @@ def compile_step(config, topology: str) -> dict:
                  "loss_mask": jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=bs)}
         step = jax.jit(
             train.make_train_step(model, tx, schedule, accum_steps=accum,
-                                  z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks,
-                                  loss_logits_dtype=t.loss_logits_dtype,
-                                  mesh=mesh),
+                                  **train.loss_options(t), mesh=mesh),
             in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
         t0 = time.time()
         lowered = step.lower(abstract, batch)

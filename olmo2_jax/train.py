@@ -69,6 +69,13 @@ def create_state(model, tx, mesh, rng, skip_window: int = 0):
     return init(rng), shardings
 
 
+def loss_options(t) -> dict:
+    """make_train_step's loss arguments from `config.train`, for every caller that builds the
+    step from a config (training, benches, AOT compile): a new loss setting is added here."""
+    return dict(z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks,
+                loss_logits_dtype=t.loss_logits_dtype)
+
+
 def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_loss_weight: float,
                     loss_chunks: int = 0, loss_logits_dtype: str = "float32", mesh=None,
                     skip_sigma: float = 0.0):
@@ -265,10 +272,8 @@ def train(config, workdir: str) -> dict:
                   f"{'resuming from step ' + str(start) if start else 'fresh start'} | "
                   f"workdir {workdir}", flush=True)
         step_fn = jax.jit(
-            make_train_step(model, tx, schedule, accum_steps=accum,
-                            z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks,
-                            loss_logits_dtype=t.loss_logits_dtype, mesh=mesh,
-                            skip_sigma=t.skip_sigma),
+            make_train_step(model, tx, schedule, accum_steps=accum, **loss_options(t),
+                            mesh=mesh, skip_sigma=t.skip_sigma),
             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
             donate_argnums=(0,))
         writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start,
