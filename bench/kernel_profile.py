@@ -23,6 +23,7 @@ import datetime
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import sys
@@ -86,13 +87,8 @@ def hlo_ops(hlo_text: str) -> dict:
                         else ('"lhs_contracting_dimensions":[', "]"))
             cd = rest.split(key, 1)[1].split(end, 1)[0] if key in rest else ""
             lhs = _dims(shapes.get(operands[0], "")) if operands else []
-            k = 1
-            for d in re.findall(r"\d+", cd):
-                k *= lhs[int(d)] if int(d) < len(lhs) else 1
-            out = 1
-            for d in _dims(shape):
-                out *= d
-            flops = 2.0 * out * k
+            k = math.prod(lhs[int(d)] for d in re.findall(r"\d+", cd) if int(d) < len(lhs))
+            flops = 2.0 * math.prod(_dims(shape)) * k
             if comp:
                 comp_dots[comp] += flops
         if comp and op_name and line.lstrip().startswith("ROOT"):
@@ -233,8 +229,7 @@ def profile_train(a):
         for b in batches:
             state, m = compiled(state, b)
         jax.block_until_ready(m)
-    a.hlo_text = compiled.as_text()
-    return (*_traced(run), a.steps)
+    return (*_traced(run), a.steps, compiled.as_text())
 
 
 def profile_decode(a):
@@ -250,7 +245,7 @@ def profile_decode(a):
     prompts = lambda: rng.integers(1, s["vocab"], (a.batch, a.prompt_len)).tolist()  # noqa
     gen(prompts(), max_new_tokens=a.new_tokens)
     p = prompts()
-    return (*_traced(lambda: gen(p, max_new_tokens=a.new_tokens)), a.new_tokens)
+    return (*_traced(lambda: gen(p, max_new_tokens=a.new_tokens)), a.new_tokens, None)
 
 
 def profile_attention(a):
@@ -265,7 +260,7 @@ def profile_attention(a):
         for _ in range(a.steps):
             out = f(*args)
         jax.block_until_ready(out)
-    return (*_traced(run), a.steps)
+    return (*_traced(run), a.steps, None)
 
 
 def main():
@@ -294,10 +289,8 @@ def main():
     import jax
     profile = {"train": profile_train, "decode": profile_decode,
                "attention": profile_attention}[a.what]
-    a.hlo_text = None
-    d, secs, per = profile(a)
-    s = summarize(d, a.top, hlo_ops(a.hlo_text) if a.hlo_text else None)
-    del a.hlo_text
+    d, secs, per, hlo_text = profile(a)  # hlo_text: the train step's optimized HLO, or None
+    s = summarize(d, a.top, hlo_ops(hlo_text) if hlo_text else None)
     s.update(what=a.what, args=vars(a), host_seconds=secs, per=per, jax=jax.__version__,
              device=jax.devices()[0].device_kind,
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
