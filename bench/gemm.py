@@ -43,14 +43,13 @@ def _operands(m, k, n, seed=0):
             (jax.random.normal(kb, (k, n), jnp.float32) * k ** -0.5).astype(jnp.bfloat16))
 
 
-def _mgpu_configs(quick: bool):
-    from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+def _mgpu_configs(hm, quick: bool):
+    """The tile/grid settings of jax's Hopper GEMM (module `hm`) to sweep."""
     dims = hm.MatmulDimension
     grid = [(dims.N, 8)] if quick else list(itertools.product((dims.M, dims.N), (4, 8, 16)))
     for wg, (minor, width) in itertools.product((dims.N, dims.M), grid):
-        yield hm, hm.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
-                                  grid_minor_dim=minor, grid_tile_width=width,
-                                  wg_dimension=wg)
+        yield hm.TuningConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4,
+                              grid_minor_dim=minor, grid_tile_width=width, wg_dimension=wg)
 
 
 def bench_gemm(name, m, k, n, impls, quick):
@@ -65,8 +64,9 @@ def bench_gemm(name, m, k, n, impls, quick):
         rows.append({"shape": name, "mkn": [m, k, n], "impl": "xla", "ms": round(t * 1e3, 4),
                      "tflops": round(flops / t / 1e12, 1)})
     if "mgpu" in impls:
+        from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
         best = None
-        for hm, cfg in _mgpu_configs(quick):
+        for cfg in _mgpu_configs(hm, quick):
             try:
                 f = jax.jit(lambda a, b, cfg=cfg: hm.matmul(a, b, None, cfg))
                 out = f(a, b)

@@ -65,7 +65,8 @@ def _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, with_grads):
 
     def body(dw, xs):
         h_c, t_c, m_c = xs
-        logits = jnp.einsum("BTD,DV->BTV", h_c, wc, preferred_element_type=jnp.dtype(logits_dtype))
+        logits = jnp.einsum("BTD,DV->BTV", h_c, wc,
+                            preferred_element_type=jnp.dtype(logits_dtype))
         logits = logits.astype(jnp.float32)  # fused into the passes that read it
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
