@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.attention import time_fn  # noqa: E402
+from bench.attention import rel_err, time_fn  # noqa: E402
 
 D, F, V = 2048, 8192, 100352  # OLMo-2-1B
 
@@ -70,8 +70,7 @@ def bench_gemm(name, m, k, n, impls, quick):
             try:
                 f = jax.jit(lambda a, b, cfg=cfg: hm.matmul(a, b, None, cfg))
                 out = f(a, b)
-                err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)))
-                            / jnp.max(jnp.abs(ref.astype(jnp.float32))))
+                err = rel_err(out, ref)
                 if err > 2e-2:
                     raise AssertionError(f"max error {err:.3g} against XLA's result")
                 t = time_fn(f, (a, b))
