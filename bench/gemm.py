@@ -7,7 +7,10 @@ beside them: the measured baseline for fusing elementwise work into GEMMs of our
 Per shape (M = tokens of a batch-8 step, 32768 by default) it times XLA's GEMM (cuBLAS
 on GPUs) and, with `mgpu` in --impls, a warp-specialized Mosaic GPU Hopper GEMM (jax's
 Pallas example kernel `hopper_matmul_mgpu`, a sweep of its tile/grid settings) after
-checking it against XLA's result. `swiglu` rows time XLA's unfused forward
+checking it against XLA's result; with `ours` in --impls, our kernel
+(kernels/matmul_mgpu.py) in the three layouts of a dense layer's step (nn: forward,
+nt: input gradient, tn: weight gradient) against XLA's GEMM in the same layout, over a
+sweep of its TUNING. `swiglu` rows time XLA's unfused forward
 silu(x Wg) * (x Wu) against its two GEMMs alone: the difference is what a GEMM with the
 product in its epilogue could save per layer.
 """
@@ -89,6 +92,65 @@ def bench_gemm(name, m, k, n, impls, quick):
     return rows
 
 
+LAYOUTS = {"nn": (False, False), "nt": (False, True), "tn": (True, False)}
+
+
+def _layout_operands(m, k, n, layout):
+    """Operands of out (m, n) = op(a) @ op(b) as stored in the step for this layout."""
+    a, b = _operands(m, k, n)
+    ta, tb = LAYOUTS[layout]
+    return (a.T if ta else a), (b.T if tb else b)
+
+
+def _our_configs(quick: bool):
+    widths = (8,) if quick else (4, 8, 16)
+    stages = (4,) if quick else (3, 4)
+    for wg, width, st in itertools.product(("M", "N"), widths, stages):
+        yield {"tile": (128, 128, 64, st), "wg": wg, "width": width}
+
+
+def bench_ours(name, m, k, n, impls, quick):
+    """Our GEMM (kernels/matmul_mgpu.py) against XLA's, per layout of the dense layer."""
+    from kernels import matmul_mgpu
+    flops, rows = 2.0 * m * n * k, []
+    for layout, (ta, tb) in LAYOUTS.items():
+        a, b = _layout_operands(m, k, n, layout)
+        a, b = jax.block_until_ready((jnp.array(a), jnp.array(b)))  # stored, not a view
+        xla = jax.jit(lambda a, b, ta=ta, tb=tb: jnp.dot(
+            a.T if ta else a, b.T if tb else b, preferred_element_type=jnp.float32)
+            .astype(jnp.bfloat16))
+        ref = xla(a, b)
+        if "xla" in impls:
+            t = time_fn(xla, (a, b))
+            rows.append({"shape": name, "layout": layout, "mkn": [m, k, n], "impl": "xla",
+                         "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1)})
+        best = None
+        for cfg in _our_configs(quick):
+            try:
+                f = jax.jit(lambda a, b, cfg=cfg, ta=ta, tb=tb: matmul_mgpu.matmul(
+                    a, b, transpose_a=ta, transpose_b=tb, tuning=cfg))
+                err = rel_err(f(a, b), ref)
+                if err > 2e-2:
+                    raise AssertionError(f"max error {err:.3g} against XLA's result")
+                t = time_fn(f, (a, b))
+            except Exception as e:  # noqa: BLE001 -- a config that does not build is skipped
+                print(json.dumps({"shape": name, "layout": layout, "impl": "ours",
+                                  "config": str(cfg), "error": repr(e)[:300]}), flush=True)
+                continue
+            print(json.dumps({"shape": name, "layout": layout, "impl": "ours", "config": cfg,
+                              "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1),
+                              "sweep": True}), flush=True)
+            if best is None or t < best[0]:
+                best = (t, cfg, err)
+        if best:
+            t, cfg, err = best
+            rows.append({"shape": name, "layout": layout, "mkn": [m, k, n], "impl": "ours",
+                         "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1),
+                         "max_rel_err": round(err, 5), "config": cfg,
+                         "tuned_wg": matmul_mgpu.tuning_for(a.shape, b.shape, ta, tb)["wg"]})
+    return rows
+
+
 def bench_swiglu(m):
     """XLA's unfused SwiGLU forward against its two GEMMs: the product's own cost."""
     x, wg = _operands(m, D, F, seed=1)
@@ -102,7 +164,7 @@ def bench_swiglu(m):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--impls", default="xla,mgpu", help="comma list of xla, mgpu")
+    ap.add_argument("--impls", default="xla,mgpu,ours", help="comma list of xla, mgpu, ours")
     ap.add_argument("--tokens", type=int, default=32768, help="M: tokens per step (batch x seq)")
     ap.add_argument("--quick", action="store_true", help="mgpu: two configs per shape")
     ap.add_argument("--shapes", default="attn_proj,mlp_up,mlp_down,lm_head_chunk,swiglu",
@@ -113,16 +175,22 @@ def main():
     known = [*shapes(a.tokens), "swiglu"]
     if unknown := [w for w in wanted if w not in known]:
         ap.error(f"--shapes: unknown {unknown}; choose from {known}")
-    if not impls <= {"xla", "mgpu"}:
-        ap.error(f"--impls={a.impls}: choose from xla, mgpu")
-    if "mgpu" in impls and jax.devices()[0].platform != "gpu":
-        ap.error("--impls=mgpu needs a Hopper GPU; use --impls=xla here")
+    if not impls <= {"xla", "mgpu", "ours"}:
+        ap.error(f"--impls={a.impls}: choose from xla, mgpu, ours")
+    if impls & {"mgpu", "ours"} and jax.devices()[0].platform != "gpu":
+        ap.error(f"--impls={a.impls}: mgpu and ours need a Hopper GPU; use --impls=xla here")
     header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "tokens": a.tokens}
     print(json.dumps(header), flush=True)
     rows = []
     for name, (m, k, n) in shapes(a.tokens).items():
-        for r in bench_gemm(name, m, k, n, impls, a.quick) if name in wanted else ():
+        if name not in wanted:
+            continue
+        # with ours, XLA is timed per layout in bench_ours (its nn row is bench_gemm's)
+        found = bench_gemm(name, m, k, n, impls - {"ours", "xla"} if "ours" in impls else impls,
+                           a.quick)
+        for r in itertools.chain(found, bench_ours(name, m, k, n, impls, a.quick)
+                                 if "ours" in impls else ()):
             rows.append(r)
             print(json.dumps(r), flush=True)
     if "swiglu" in wanted:

@@ -20,6 +20,7 @@ MODEL_PRESETS = {
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
+MATMUL_IMPLS = ("xla", "mgpu")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.scan_layers = True
     m.remat = "dots"  # one of REMAT_POLICIES
     m.attention = "auto"  # one of ATTENTION_IMPLS; auto = pallas on TPU, cudnn on GPU, xla on CPU
+    # the layers' weight GEMMs: "xla", or "mgpu" = kernels/matmul_mgpu.py (Hopper, one GPU)
+    m.matmul = "xla"
 
     c.data = d = ml_collections.ConfigDict()
     d.paths = ""  # comma-separated raw uint32 token files (globs ok); "" = embedded corpus
@@ -183,6 +186,11 @@ def validate(c, num_devices: int | None = None) -> None:
          "use attention='auto' or 'xla'")
     need(m.attention != "pallas" or m.dtype in ("bfloat16", "float32"),
          f"config.model.attention='pallas' takes bfloat16 or float32, not dtype={m.dtype!r}")
+    need(m.matmul in MATMUL_IMPLS,
+         f"config.model.matmul={m.matmul!r}: choose one of {MATMUL_IMPLS}")
+    need(m.matmul != "mgpu" or m.dtype in ("bfloat16", "float16"),
+         f"config.model.matmul='mgpu' multiplies bfloat16 or float16, not dtype={m.dtype!r}; "
+         "use matmul='xla'")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"config.model.{key}={m[key]!r}: choose one of {DTYPES}")
     need(m.rope_theta > 0 and m.norm_eps > 0, "config.model.rope_theta and norm_eps must be > 0")
@@ -248,6 +256,9 @@ def validate(c, num_devices: int | None = None) -> None:
              f"n_kv_heads={m.n_kv_heads}")
         need(m.mlp_hidden % shape["tensor"] == 0,
              f"config.mesh.tensor={shape['tensor']} must divide model.mlp_hidden={m.mlp_hidden}")
+        need(m.matmul != "mgpu" or num_devices == 1,
+             f"config.model.matmul='mgpu' runs on one GPU (the kernel is not partitioned "
+             f"yet), this run has {num_devices} devices; use matmul='xla'")
 
 
 def count_params(m) -> dict[str, int]:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
+from kernels import matmul_mgpu
 from kernels.attention import HEAD_DIMS as PALLAS_HEAD_DIMS, RESIDUAL_NAMES, current_platform
 from kernels.attention import flash_attention
 from olmo2_jax import config as config_lib
@@ -42,6 +43,7 @@ def _save_dots_and_attention(prim, *args, **params) -> bool:
     return (prim.name.startswith("dot_product_attention_fwd")  # cuDNN
             or prim.name == "pallas_call"  # kernels/: the forward's output and logsumexp
             or params.get("name") in RESIDUAL_NAMES  # the same, named (Mosaic GPU kernels)
+            or params.get("name") == matmul_mgpu.OUTPUT_NAME  # model.matmul="mgpu" GEMMs
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
@@ -84,6 +86,7 @@ class ModelConfig:
     decode_attention: str = "reduce"  # KV-cache read: "reduce" or "einsum" (cached_attention)
     remat: str = "dots"
     attention: str = "auto"
+    matmul: str = "xla"
 
     @classmethod
     def from_config(cls, m) -> "ModelConfig":
@@ -94,7 +97,7 @@ class ModelConfig:
             head_dim=config_lib.head_dim(m), mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta,
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
             param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers, remat=m.remat,
-            attention=m.attention)
+            attention=m.attention, matmul=m.matmul)
 
 
 def _init(cfg: ModelConfig):
@@ -143,6 +146,26 @@ def attention_impl(name: str, head_dim: int = 128) -> str:
             return "pallas"
         return "cudnn" if backend == "gpu" else "xla"
     return name
+
+
+def dense(spec: str, x: Array, w: Array, impl: str = "xla", contract: int = 1) -> Array:
+    """A layer's weight GEMM: `jnp.einsum(spec, x, w)` contracting x's last `contract` dims
+    with w's first ones. impl "mgpu" runs the forward and both backward GEMMs on
+    kernels/matmul_mgpu.py (Hopper; faster than cuBLAS at the 1B step's shapes,
+    docs/performance.md) where the shapes are its tile multiples, else XLA."""
+    batch, out = x.shape[:-contract], w.shape[contract:]
+    shape2 = (math.prod(x.shape[-contract:]), math.prod(out))
+    if impl == "mgpu" and matmul_mgpu.dense_supported((*batch, shape2[0]), shape2):
+        if current_platform() != "gpu":
+            raise ValueError("config.model.matmul='mgpu' needs a Hopper GPU, this step is "
+                             f"compiled for {current_platform()!r}; use matmul='xla'")
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and mesh.size > 1:
+            raise ValueError(f"config.model.matmul='mgpu' runs on one GPU, the mesh has "
+                             f"{mesh.size} devices; use matmul='xla'")
+        y = matmul_mgpu.dense(x.reshape(*batch, shape2[0]), w.reshape(shape2))
+        return y.reshape(*batch, *out)
+    return jnp.einsum(spec, x, w)
 
 
 def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
@@ -251,9 +274,9 @@ class Attention(nn.Module):
         wv = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), _init(cfg))
         wo = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"), _init(cfg))
         x = x_BTD.astype(dt)
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
-        k = jnp.einsum("BSD,DKH->BSKH", x, wk.astype(dt))
-        v = jnp.einsum("BSD,DKH->BSKH", x, wv.astype(dt))
+        q = dense("BTD,DNH->BTNH", x, wq.astype(dt), cfg.matmul)
+        k = dense("BSD,DKH->BSKH", x, wk.astype(dt), cfg.matmul)
+        v = dense("BSD,DKH->BSKH", x, wv.astype(dt), cfg.matmul)
         # Full-width QK-norm: normalise over (heads, head_dim) together, then RoPE.
         q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q)
         k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k)
@@ -268,7 +291,7 @@ class Attention(nn.Module):
             out = cached_attention(q, k, v, kv_cache, *slots, impl=cfg.decode_attention)
             new_kv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # cache layout BKTH
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
-        return jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)), new_kv
+        return dense("BTNH,NHD->BTD", out, wo.astype(dt), cfg.matmul, contract=2), new_kv
 
 
 class MLP(nn.Module):
@@ -284,11 +307,11 @@ class MLP(nn.Module):
         w_up = _param(self, "up_proj", (D, F), ("embed", "mlp"), _init(cfg))
         w_down = _param(self, "down_proj", (F, D), ("mlp", "embed"), _init(cfg))
         x = x_BTD.astype(dt)
-        gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
+        gate = dense("BTD,DF->BTF", x, w_gate.astype(dt), cfg.matmul)
+        up = dense("BTD,DF->BTF", x, w_up.astype(dt), cfg.matmul)
         h = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
         h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
-        return jnp.einsum("BTF,FD->BTD", h, w_down.astype(dt))
+        return dense("BTF,FD->BTD", h, w_down.astype(dt), cfg.matmul)
 
 
 class Block(nn.Module):

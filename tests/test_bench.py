@@ -97,4 +97,4 @@ def test_gemm_bench_times_the_steps_shapes_and_refuses_mgpu_off_gpu(tmp_path, mo
     monkeypatch.setattr(sys, "argv", ["gemm.py", "--impls=mgpu"])
     with pytest.raises(SystemExit):
         gemm.main()
-    assert "needs a Hopper GPU" in capsys.readouterr().err
+    assert "need a Hopper GPU" in capsys.readouterr().err

@@ -26,6 +26,11 @@ def tiny():
     (dict(mesh=dict(data=-1, fsdp=-1)), 8, "at most one of"),
     (dict(train=dict(global_batch_size=12)), 8, "micro-batch of 12 sequences is not divisible by the data-parallel size 8"),
     (dict(mesh=dict(tensor=8, fsdp=1)), 8, "config.mesh.tensor=8 must divide n_heads=6"),
+    (dict(model=dict(matmul="cublas")), None, "config.model.matmul='cublas': choose one of"),
+    (dict(model=dict(matmul="mgpu", dtype="float32")), None,
+     "config.model.matmul='mgpu' multiplies bfloat16 or float16, not dtype='float32'"),
+    (dict(model=dict(matmul="mgpu", dtype="bfloat16")), 8,
+     "config.model.matmul='mgpu' runs on one GPU"),
 ])
 def test_validation_errors_are_clear(change, devices, message):
     c = tiny()
