@@ -98,3 +98,22 @@ def test_gemm_bench_times_the_steps_shapes_and_refuses_mgpu_off_gpu(tmp_path, mo
     with pytest.raises(SystemExit):
         gemm.main()
     assert "need a Hopper GPU" in capsys.readouterr().err
+
+
+def test_lower_cuda_counts_the_kernels_a_gpu_compile_builds(monkeypatch, capsys):
+    """One layer, model.matmul=mgpu: 21 GEMM calls (7 weights x forward, input and weight
+    gradients) share 9 distinct Mosaic kernels, each built once on the GPU."""
+    import json
+    import sys
+
+    from bench import lower_cuda
+    from kernels import matmul_mgpu
+    from olmo2_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib, "current_platform", model_lib.current_platform)  # restored
+    monkeypatch.setattr(matmul_mgpu, "_matmul", matmul_mgpu._matmul)
+    monkeypatch.setattr(sys, "argv", ["lower_cuda.py", "--set=model.matmul=mgpu,model.n_layers=1",
+                                      "--batch=1", "--seq=256"])
+    lower_cuda.main()
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (row["matmul_calls"], row["mosaic_call_sites"], row["distinct_kernels"]) == (21, 9, 9)
