@@ -103,10 +103,10 @@ def _layout_operands(m, k, n, layout):
 
 
 def _our_configs(quick: bool):
-    widths = (8,) if quick else (4, 8, 16)
-    stages = (4,) if quick else (3, 4)
-    for wg, width, st in itertools.product(("M", "N"), widths, stages):
-        yield {"tile": (128, 128, 64, st), "wg": wg, "width": width}
+    widths = (8,) if quick else (8, 16)
+    clusters = (None,) if quick else (None, "M", "N")
+    for wg, width, cluster in itertools.product(("M", "N"), widths, clusters):
+        yield {"tile": (128, 128, 64, 4), "wg": wg, "width": width, "cluster": cluster}
 
 
 def bench_ours(name, m, k, n, impls, quick):

@@ -30,9 +30,11 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 
 # tile: (tile_m, tile_n per consumer warpgroup, tile_k, ring stages); wg: the dimension the
-# two consumer warpgroups split ("M" or "N"); width: the planar snake's width in CTA tiles,
-# walked along N. Measured on the H200 by bench/gemm.py (docs/performance.md).
-TUNING = {"tile": (128, 128, 64, 4), "wg": "M", "width": 8}
+# two consumer warpgroups split ("M" or "N"); width: the planar snake's width in tiles,
+# walked along N; cluster: None, or "M"/"N": two CTAs side by side along that dimension
+# share the other operand's blocks (one TMA load multicast to both). Measured on the H200
+# by bench/gemm.py (docs/performance.md).
+TUNING = {"tile": (128, 128, 64, 4), "wg": "M", "width": 8, "cluster": None}
 # The faster `wg` per layout and weight shape, keyed (layout, the two dims that are not the
 # token count); measured on the H200 at 32768 tokens (bench/gemm.py, 2026-11-29).
 TUNED_WG = {("nn", 2048, 2048): "N", ("nt", 2048, 2048): "M", ("tn", 2048, 2048): "N",
@@ -65,32 +67,43 @@ def supported(a_shape, b_shape, transpose_a=False, transpose_b=False, tuning=Non
     """Whether the kernel takes these operand shapes (2-D, tile multiples)."""
     if len(a_shape) != 2 or len(b_shape) != 2:
         return False
-    tm, tn, tk, _ = (tuning or TUNING)["tile"]
-    wg_m = (tuning or TUNING)["wg"] == "M"
+    cl_m, cl_n, tk = _cluster_tile(tuning or TUNING)
     m, k, k2, n = _dims(a_shape, b_shape, transpose_a, transpose_b)
-    return k == k2 and m % (tm * (1 + wg_m)) == 0 and n % (tn * (2 - wg_m)) == 0 and k % tk == 0
+    return k == k2 and m % cl_m == 0 and n % cl_n == 0 and k % tk == 0
+
+
+def _cluster_tile(tuning):
+    """(rows, columns) of the output a cluster covers per tile, and tile_k."""
+    tm, tn, tk, _ = tuning["tile"]
+    wg_m, cluster = tuning["wg"] == "M", tuning.get("cluster")
+    return (tm * (1 + wg_m) * (1 + (cluster == "M")), tn * (2 - wg_m) * (1 + (cluster == "N")),
+            tk)
 
 
 def _kernel(a_gmem, b_gmem, out_gmem, *, transpose_a, transpose_b, tuning):
     plgpu = _plgpu()
     tm, tn, tk, stages = tuning["tile"]
-    wg_m = tuning["wg"] == "M"
+    wg_m, cluster = tuning["wg"] == "M", tuning.get("cluster")
     m, k, _, n = _dims(a_gmem.shape, b_gmem.shape, transpose_a, transpose_b)
     cta_m, cta_n = tm * (1 + wg_m), tn * (2 - wg_m)
-    m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tk
+    cl_m, cl_n, _ = _cluster_tile(tuning)
+    m_iters, n_iters, k_iters = m // cl_m, n // cl_n, k // tk
+    # a cluster along N shares A's blocks (same rows), along M shares B's
+    a_shared = dict(collective_axes=("cluster",)) if cluster == "N" else {}
+    b_shared = dict(collective_axes=("cluster",)) if cluster == "M" else {}
 
     def transforms(minor):  # 128-byte swizzle over the block's minor dimension
         swz = plgpu.find_swizzle(minor * 16)
         return plgpu.TilingTransform((8, swz // 2)), plgpu.SwizzleTransform(swz)
 
     a_spec = (plgpu.BlockSpec((tk, cta_m), lambda i: (i, 0), transforms=transforms(cta_m),
-                              memory_space=plgpu.SMEM) if transpose_a else
+                              memory_space=plgpu.SMEM, **a_shared) if transpose_a else
               plgpu.BlockSpec((cta_m, tk), lambda i: (0, i), transforms=transforms(tk),
-                              memory_space=plgpu.SMEM))
+                              memory_space=plgpu.SMEM, **a_shared))
     b_spec = (plgpu.BlockSpec((cta_n, tk), lambda i: (0, i), transforms=transforms(tk),
-                              memory_space=plgpu.SMEM) if transpose_b else
+                              memory_space=plgpu.SMEM, **b_shared) if transpose_b else
               plgpu.BlockSpec((tk, cta_n), lambda i: (i, 0), transforms=transforms(cta_n),
-                              memory_space=plgpu.SMEM))
+                              memory_space=plgpu.SMEM, **b_shared))
 
     def pipeline(body, context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -112,6 +125,9 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, transpose_a, transpose_b, tuning):
         def _tiles(info):
             (lin,) = info.index
             mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, tuning["width"])
+            if cluster is not None:  # this CTA's tile within the cluster's
+                cta = lax.axis_index("cluster")
+                mi, ni = (mi * 2 + cta, ni) if cluster == "M" else (mi, ni * 2 + cta)
             row0 = mi * cta_m + (wg * tm if wg_m else 0)
             col0 = ni * cta_n + (0 if wg_m else wg * tn)
 
@@ -189,10 +205,12 @@ def _matmul(a, b, transpose_a, transpose_b, tuning_items):
     plgpu = _plgpu()
     tuning = dict(tuning_items)
     m, _, _, n = _dims(a.shape, b.shape, transpose_a, transpose_b)
+    clusters = dict(cluster=(2,), cluster_names=("cluster",)) if tuning.get("cluster") else {}
     f = plgpu.kernel(
         functools.partial(_kernel, transpose_a=transpose_a, transpose_b=transpose_b,
                           tuning=tuning),
-        out_type=jax.ShapeDtypeStruct((m, n), a.dtype), grid=(_num_sms(),), grid_names=("sm",),
+        out_type=jax.ShapeDtypeStruct((m, n), a.dtype),
+        grid=(_num_sms() // (2 if clusters else 1),), grid_names=("sm",), **clusters,
         num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return f(a, b)

@@ -285,6 +285,20 @@ def test_mosaic_gpu_matmul_lowers_for_hopper(M, K, N, layout, wg):
                                                transpose_b=tb, tuning=tuning), a, b) == 1
 
 
+@pytest.mark.parametrize("cluster", ["M", "N"])
+@pytest.mark.parametrize("layout", list(MATMUL_LAYOUTS))
+def test_mosaic_gpu_matmul_lowers_with_a_cta_cluster(layout, cluster):
+    """Two CTAs per cluster sharing one operand's blocks (TMA multicast) along M or N."""
+    from kernels import matmul_mgpu
+
+    ta, tb = MATMUL_LAYOUTS[layout]
+    a, b = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in _layout_shapes(1024, 512, 1024, layout))
+    tuning = {**matmul_mgpu.TUNING, "cluster": cluster}
+    assert _gpu_kernel_calls(functools.partial(matmul_mgpu.matmul, transpose_a=ta,
+                                               transpose_b=tb, tuning=tuning), a, b) == 1
+    assert not matmul_mgpu.supported((256, 512), (512, 128), tuning=tuning)  # one CTA tile
+
+
 def test_matmul_mgpu_refuses_what_it_cannot_run():
     from kernels import matmul_mgpu
 
