@@ -80,8 +80,9 @@ def _cluster_tile(tuning):
             tk)
 
 
-def _kernel(a_gmem, b_gmem, out_gmem, *, transpose_a, transpose_b, tuning):
+def _kernel(a_gmem, b_gmem, *refs, transpose_a, transpose_b, tuning):
     plgpu = _plgpu()
+    c_gmem, out_gmem = refs if len(refs) == 2 else (None, refs[0])
     tm, tn, tk, stages = tuning["tile"]
     wg_m, cluster = tuning["wg"] == "M", tuning.get("cluster")
     m, k, _, n = _dims(a_gmem.shape, b_gmem.shape, transpose_a, transpose_b)
@@ -117,8 +118,9 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, transpose_a, transpose_b, tuning):
         pl.run_scoped,
         allocs=pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem),
         out_smem=plgpu.SMEM((2, 2, EPI, EPI), out_gmem.dtype, transforms=epi_t),
+        c_bar=None if c_gmem is None else plgpu.Barrier(num_arrivals=1, num_barriers=4),
         collective_axes="wg")
-    def _scope(allocs, out_smem):
+    def _scope(allocs, out_smem, c_bar):
         wg = lax.axis_index("wg")
 
         @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
@@ -131,20 +133,45 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, transpose_a, transpose_b, tuning):
             row0 = mi * cta_m + (wg * tm if wg_m else 0)
             col0 = ni * cta_n + (0 if wg_m else wg * tn)
 
+            n_pieces = (tm // EPI) * (tn // EPI)
+
+            def piece(p):  # (rows, cols) of epilogue piece p in the output
+                a, b = divmod(p, tn // EPI)
+                return pl.ds(row0 + a * EPI, EPI), pl.ds(col0 + b * EPI, EPI)
+
+            def load_c(p):  # c's piece p into slot p % 2, where its sum is then written
+                plgpu.copy_gmem_to_smem(c_gmem.at[piece(p)], out_smem.at[wg, p % 2],
+                                        c_bar.at[wg * 2 + p % 2])
+
             def context(eval_pipeline):
                 @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, tn), jnp.float32))
                 def _acc(acc_ref):
+                    if c_gmem is not None:  # c's first two pieces arrive during the MMAs
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's stores
+                        load_c(0)
+                        load_c(1)
                     eval_pipeline(acc_ref)
-                    acc = acc_ref[...].astype(out_gmem.dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's stores
-                    for p in range((tm // EPI) * (tn // EPI)):
+                    if c_gmem is None:
+                        acc = acc_ref[...].astype(out_gmem.dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last tile's stores
+                    else:
+                        acc = acc_ref[...]
+                    for p in range(n_pieces):
                         a, b = divmod(p, tn // EPI)
-                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot is free
-                        out_smem[wg, p % 2] = acc[a * EPI:(a + 1) * EPI, b * EPI:(b + 1) * EPI]
+                        part = acc[a * EPI:(a + 1) * EPI, b * EPI:(b + 1) * EPI]
+                        if c_gmem is None:
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # slot is free
+                            out_smem[wg, p % 2] = part
+                        else:
+                            plgpu.barrier_wait(c_bar.at[wg * 2 + p % 2])
+                            out_smem[wg, p % 2] = (
+                                part + out_smem[wg, p % 2].astype(jnp.float32)).astype(
+                                out_gmem.dtype)
                         plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg, p % 2],
-                            out_gmem.at[pl.ds(row0 + a * EPI, EPI), pl.ds(col0 + b * EPI, EPI)])
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg, p % 2], out_gmem.at[piece(p)])
+                        if c_gmem is not None and p + 2 < n_pieces:  # refill while p + 1 runs
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            load_c(p + 2)
 
             def mma(_, a_smem, b_smem, acc_ref):
                 if transpose_a:
@@ -169,10 +196,11 @@ def _kernel(a_gmem, b_gmem, out_gmem, *, transpose_a, transpose_b, tuning):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def matmul_reference(a, b, transpose_a=False, transpose_b=False):
+def matmul_reference(a, b, transpose_a=False, transpose_b=False, c=None):
     """What `matmul` computes, in XLA."""
-    return jnp.dot(a.T if transpose_a else a, b.T if transpose_b else b,
-                   preferred_element_type=jnp.float32).astype(a.dtype)
+    out = jnp.dot(a.T if transpose_a else a, b.T if transpose_b else b,
+                  preferred_element_type=jnp.float32)
+    return (out if c is None else out + c.astype(jnp.float32)).astype(a.dtype)
 
 
 def tuning_for(a_shape, b_shape, transpose_a=False, transpose_b=False) -> dict:
@@ -183,9 +211,10 @@ def tuning_for(a_shape, b_shape, transpose_a=False, transpose_b=False) -> dict:
     return {**TUNING, "wg": TUNED_WG.get(key, TUNING["wg"])}
 
 
-def matmul(a, b, *, transpose_a=False, transpose_b=False, tuning=None):
-    """op(a) @ op(b) in a's dtype (bf16 or fp16) with fp32 accumulation; op transposes where
-    asked. Shapes must be tile multiples (`supported`); `tuning` defaults to `tuning_for`."""
+def matmul(a, b, c=None, *, transpose_a=False, transpose_b=False, tuning=None):
+    """op(a) @ op(b) (+ c) in a's dtype (bf16 or fp16) with fp32 accumulation; op transposes
+    where asked; c, if given, is added in the epilogue (no pass of its own). Shapes must be
+    tile multiples (`supported`); `tuning` defaults to `tuning_for`."""
     tuning = tuning or tuning_for(a.shape, b.shape, transpose_a, transpose_b)
     if a.dtype != b.dtype or a.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"matmul_mgpu: operands must both be bf16 or fp16, got {a.dtype} and "
@@ -194,11 +223,15 @@ def matmul(a, b, *, transpose_a=False, transpose_b=False, tuning=None):
         raise ValueError(f"matmul_mgpu: shapes {a.shape}, {b.shape} (transpose_a={transpose_a},"
                          f" transpose_b={transpose_b}) do not match, or are not multiples of "
                          f"the tiles {tuning['tile']} (wg={tuning['wg']}); check supported()")
-    return _matmul(a, b, transpose_a, transpose_b, tuple(sorted(tuning.items())))
+    m, _, _, n = _dims(a.shape, b.shape, transpose_a, transpose_b)
+    if c is not None and (c.shape != (m, n) or c.dtype != a.dtype):
+        raise ValueError(f"matmul_mgpu: c is {c.shape} {c.dtype}, the product {(m, n)} "
+                         f"{a.dtype}")
+    return _matmul(a, b, c, transpose_a, transpose_b, tuple(sorted(tuning.items())))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _matmul(a, b, transpose_a, transpose_b, tuning_items):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _matmul(a, b, c, transpose_a, transpose_b, tuning_items):
     # Under jit, every call with the same shapes and layout shares one traced kernel, so its
     # Mosaic module (locations included) is identical and compiled once per step, not once
     # per layer: the unrolled 16-layer step has 9 distinct GEMMs, not 336.
@@ -213,7 +246,7 @@ def _matmul(a, b, transpose_a, transpose_b, tuning_items):
         grid=(_num_sms() // (2 if clusters else 1),), grid_names=("sm",), **clusters,
         num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
-    return f(a, b)
+    return f(a, b) if c is None else f(a, b, c)
 
 
 def dense(x, w):
@@ -242,6 +275,35 @@ def _dense_bwd(res, dy):
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense_multi(x, *ws):
+    """(x @ w for w in ws): projections of one input (q/k/v, gate/up) whose input gradients
+    are summed in the GEMMs' epilogues (each adds the previous one's), not in passes of
+    their own. Outputs named like `dense`'s."""
+    return tuple(checkpoint_name(y, OUTPUT_NAME) for y in _dense_multi(x, *ws))
+
+
+@jax.custom_vjp
+def _dense_multi(x, *ws):
+    return _dense_multi_fwd(x, *ws)[0]
+
+
+def _dense_multi_fwd(x, *ws):
+    x2 = x.reshape(-1, x.shape[-1])
+    return tuple(matmul(x2, w).reshape(*x.shape[:-1], w.shape[1]) for w in ws), (x, ws)
+
+
+def _dense_multi_bwd(res, dys):
+    x, ws = res
+    x2, dx = x.reshape(-1, x.shape[-1]), None
+    dys = [dy.reshape(-1, dy.shape[-1]).astype(x.dtype) for dy in dys]
+    for w, dy in zip(ws, dys):
+        dx = matmul(dy, w, dx, transpose_b=True)
+    return (dx.reshape(x.shape), *(matmul(x2, dy, transpose_a=True) for dy in dys))
+
+
+_dense_multi.defvjp(_dense_multi_fwd, _dense_multi_bwd)
 
 
 def dense_supported(x_shape, w_shape) -> bool:

@@ -148,6 +148,17 @@ def attention_impl(name: str, head_dim: int = 128) -> str:
     return name
 
 
+def _check_mgpu():
+    """model.matmul='mgpu' is for one Hopper GPU: say so before a long compile fails."""
+    if current_platform() != "gpu":
+        raise ValueError("config.model.matmul='mgpu' needs a Hopper GPU, this step is "
+                         f"compiled for {current_platform()!r}; use matmul='xla'")
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        raise ValueError(f"config.model.matmul='mgpu' runs on one GPU, the mesh has "
+                         f"{mesh.size} devices; use matmul='xla'")
+
+
 def dense(spec: str, x: Array, w: Array, impl: str = "xla", contract: int = 1) -> Array:
     """A layer's weight GEMM: `jnp.einsum(spec, x, w)` contracting x's last `contract` dims
     with w's first ones. impl "mgpu" runs the forward and both backward GEMMs on
@@ -156,16 +167,23 @@ def dense(spec: str, x: Array, w: Array, impl: str = "xla", contract: int = 1) -
     batch, out = x.shape[:-contract], w.shape[contract:]
     shape2 = (math.prod(x.shape[-contract:]), math.prod(out))
     if impl == "mgpu" and matmul_mgpu.dense_supported((*batch, shape2[0]), shape2):
-        if current_platform() != "gpu":
-            raise ValueError("config.model.matmul='mgpu' needs a Hopper GPU, this step is "
-                             f"compiled for {current_platform()!r}; use matmul='xla'")
-        mesh = jax.sharding.get_abstract_mesh()
-        if not mesh.empty and mesh.size > 1:
-            raise ValueError(f"config.model.matmul='mgpu' runs on one GPU, the mesh has "
-                             f"{mesh.size} devices; use matmul='xla'")
+        _check_mgpu()
         y = matmul_mgpu.dense(x.reshape(*batch, shape2[0]), w.reshape(shape2))
         return y.reshape(*batch, *out)
     return jnp.einsum(spec, x, w)
+
+
+def dense_group(specs: tuple[str, ...], x: Array, ws: tuple[Array, ...], impl: str = "xla"):
+    """`dense` for several weights applied to one x (q/k/v, gate/up). impl "mgpu" runs them
+    as kernels/matmul_mgpu.dense_multi, which sums their input gradients inside the GEMMs
+    (XLA does this for its own dots through cuBLAS's beta = 1)."""
+    batch, K = x.shape[:-1], x.shape[-1]
+    flat = tuple(w.reshape(K, -1) for w in ws)
+    if impl == "mgpu" and all(matmul_mgpu.dense_supported(x.shape, w.shape) for w in flat):
+        _check_mgpu()
+        ys = matmul_mgpu.dense_multi(x, *flat)
+        return tuple(y.reshape(*batch, *w.shape[1:]) for y, w in zip(ys, ws))
+    return tuple(dense(spec, x, w, impl) for spec, w in zip(specs, ws))
 
 
 def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
@@ -274,9 +292,8 @@ class Attention(nn.Module):
         wv = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), _init(cfg))
         wo = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"), _init(cfg))
         x = x_BTD.astype(dt)
-        q = dense("BTD,DNH->BTNH", x, wq.astype(dt), cfg.matmul)
-        k = dense("BSD,DKH->BSKH", x, wk.astype(dt), cfg.matmul)
-        v = dense("BSD,DKH->BSKH", x, wv.astype(dt), cfg.matmul)
+        q, k, v = dense_group(("BTD,DNH->BTNH", "BSD,DKH->BSKH", "BSD,DKH->BSKH"), x,
+                              (wq.astype(dt), wk.astype(dt), wv.astype(dt)), cfg.matmul)
         # Full-width QK-norm: normalise over (heads, head_dim) together, then RoPE.
         q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q)
         k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k)
@@ -307,8 +324,8 @@ class MLP(nn.Module):
         w_up = _param(self, "up_proj", (D, F), ("embed", "mlp"), _init(cfg))
         w_down = _param(self, "down_proj", (F, D), ("mlp", "embed"), _init(cfg))
         x = x_BTD.astype(dt)
-        gate = dense("BTD,DF->BTF", x, w_gate.astype(dt), cfg.matmul)
-        up = dense("BTD,DF->BTF", x, w_up.astype(dt), cfg.matmul)
+        gate, up = dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x,
+                               (w_gate.astype(dt), w_up.astype(dt)), cfg.matmul)
         h = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
         h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
         return dense("BTF,FD->BTD", h, w_down.astype(dt), cfg.matmul)

@@ -299,6 +299,22 @@ def test_mosaic_gpu_matmul_lowers_with_a_cta_cluster(layout, cluster):
     assert not matmul_mgpu.supported((256, 512), (512, 128), tuning=tuning)  # one CTA tile
 
 
+@pytest.mark.parametrize("wg", ["M", "N"])
+@pytest.mark.parametrize("layout", ["nn", "nt"])
+def test_mosaic_gpu_matmul_adding_c_lowers_for_hopper(layout, wg):
+    """op(a) @ op(b) + c, c read in the epilogue (the input gradients' sum), at the 1B
+    attention and MLP-down shapes."""
+    from kernels import matmul_mgpu
+
+    ta, tb = MATMUL_LAYOUTS[layout]
+    for M, K, N in [(32768, 2048, 2048), (32768, 8192, 2048)]:
+        a, b = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in _layout_shapes(M, K, N, layout))
+        c = jax.ShapeDtypeStruct((M, N), jnp.bfloat16)
+        f = functools.partial(matmul_mgpu.matmul, transpose_a=ta, transpose_b=tb,
+                              tuning={**matmul_mgpu.TUNING, "wg": wg})
+        assert _gpu_kernel_calls(f, a, b, c) == 1
+
+
 def test_matmul_mgpu_refuses_what_it_cannot_run():
     from kernels import matmul_mgpu
 
@@ -307,6 +323,9 @@ def test_matmul_mgpu_refuses_what_it_cannot_run():
         matmul_mgpu.matmul(a, jnp.zeros((256, 256), jnp.float32))
     with pytest.raises(ValueError, match="multiples of the tiles"):
         matmul_mgpu.matmul(a[:, :100], jnp.zeros((100, 256), jnp.bfloat16))
+    with pytest.raises(ValueError, match="c is"):
+        matmul_mgpu.matmul(a, jnp.zeros((256, 256), jnp.bfloat16), jnp.zeros((512, 128),
+                                                                              jnp.bfloat16))
     assert not matmul_mgpu.dense_supported((2, 100, 256), (256, 512))
     assert matmul_mgpu.dense_supported((2, 256, 256), (256, 512))
 
@@ -316,8 +335,8 @@ def _xla_matmul(monkeypatch):
     is the wiring around it: which layout each forward/backward GEMM is asked for."""
     from kernels import matmul_mgpu
 
-    monkeypatch.setattr(matmul_mgpu, "_matmul", lambda a, b, ta, tb, _: (
-        matmul_mgpu.matmul_reference(a, b, ta, tb)))
+    monkeypatch.setattr(matmul_mgpu, "_matmul", lambda a, b, c, ta, tb, _: (
+        matmul_mgpu.matmul_reference(a, b, ta, tb, c)))
 
 
 def test_dense_forward_and_gradients_match_einsum(monkeypatch):
@@ -333,3 +352,11 @@ def test_dense_forward_and_gradients_match_einsum(monkeypatch):
     for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert _max_rel_err(got, want) < 2 * BF16_EPS
+    # three projections of one x: their input gradients summed through c
+    w2, w3 = w[:, :512] * 2, w[:, 256:] - 0.01
+    dys = (dy, dy[..., :512], -dy[..., 256:])
+    ys, vjp = jax.vjp(matmul_mgpu.dense_multi, x, w, w2, w3)
+    ys_ref, vjp_ref = jax.vjp(lambda x, *ws: tuple(x @ w for w in ws), x, w, w2, w3)
+    for got, want in zip((*ys, *vjp(dys)), (*ys_ref, *vjp_ref(dys))):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert _max_rel_err(got, want) < 3 * BF16_EPS
