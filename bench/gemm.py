@@ -148,6 +148,30 @@ def bench_ours(name, m, k, n, impls, quick):
                          "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1),
                          "max_rel_err": round(err, 5), "config": cfg,
                          "tuned_wg": matmul_mgpu.tuning_for(a.shape, b.shape, ta, tb)["wg"]})
+            if layout == "nt":  # + c in the epilogue (input-gradient sums), against XLA's
+                rows.extend(_plus_c(name, m, k, n, a, b, cfg, impls))
+    return rows
+
+
+def _plus_c(name, m, k, n, a, b, cfg, impls):
+    from kernels import matmul_mgpu
+    c = jax.random.normal(jax.random.key(9), (m, n), jnp.bfloat16)
+    ours = jax.jit(lambda a, b, c: matmul_mgpu.matmul(a, b, c, transpose_b=True, tuning=cfg))
+    xla = jax.jit(lambda a, b, c: matmul_mgpu.matmul_reference(a, b, False, True, c))
+    rows, flops = [], 2.0 * m * n * k
+    for impl, f in (("xla", xla), ("ours", ours)):
+        if impl not in impls:
+            continue
+        row = {"shape": name, "layout": "nt+c", "mkn": [m, k, n], "impl": impl}
+        try:
+            row["max_rel_err"] = round(rel_err(f(a, b, c), xla(a, b, c)), 5)
+            if row["max_rel_err"] > 2e-2:
+                raise AssertionError(f"max error {row['max_rel_err']} against XLA's result")
+            t = time_fn(f, (a, b, c))
+            row.update(ms=round(t * 1e3, 4), tflops=round(flops / t / 1e12, 1))
+        except Exception as e:  # noqa: BLE001 -- report, keep the other rows
+            row["error"] = repr(e)[:300]
+        rows.append(row)
     return rows
 
 
