@@ -1,14 +1,17 @@
 """bf16 GEMMs with fp32 accumulation on Hopper (Mosaic GPU), in the three layouts a dense
-layer's training step needs, and `dense`: x @ w with a backward made of the same kernel.
+layer's training step needs, and `dense` / `dense_multi`: x @ w with a backward made of the
+same kernel.
 
-    y  = matmul(x, w)                     # forward        (M, K) @ (K, N)
-    dx = matmul(dy, w, transpose_b=True)  # input grad     (M, N) @ (K, N)^T
-    dw = matmul(x, dy, transpose_a=True)  # weight grad    (M, K)^T @ (M, N)
+    y  = matmul(x, w)                         # forward        (M, K) @ (K, N)
+    dx = matmul(dy, w, transpose_b=True)      # input grad     (M, N) @ (K, N)^T
+    dw = matmul(x, dy, transpose_a=True)      # weight grad    (M, K)^T @ (M, N)
+    dx = matmul(dy2, w2, dx, transpose_b=True)  # + c: a second projection's input grad added
 
-Why: at the OLMo-2-1B step's shapes the H200 runs this kernel 4-5% faster than XLA's
-cuBLAS GEMMs (and 20% faster at the LM head's), and GEMMs are ~70% of the step
-(docs/performance.md, seventh session; `python bench/gemm.py`). Transposes are read by the
-TMA and the MMA (K-major/MN-major shared-memory operands), never written to memory.
+Why: GEMMs are ~70% of the OLMo-2-1B step, and alone at its shapes the H200 runs this kernel
+at 708-765 TFLOP/s against 638-740 for XLA's cuBLAS GEMMs, in all three layouts. Inside the
+step it does not win yet (docs/performance.md, seventh session; `python bench/gemm.py`).
+Transposes are read by the TMA and the MMA (K-major/MN-major shared-memory operands), never
+written to memory.
 
 Layout (after jax's Pallas example `hopper_matmul_mgpu`): a persistent kernel, one CTA per
 SM walking output tiles in a planar snake (`width` tiles wide) for L2 reuse; per CTA a
