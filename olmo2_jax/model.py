@@ -178,10 +178,10 @@ def dense_group(specs: tuple[str, ...], x: Array, ws: tuple[Array, ...], impl: s
     as kernels/matmul_mgpu.dense_multi, which sums their input gradients inside the GEMMs
     (XLA does this for its own dots through cuBLAS's beta = 1)."""
     batch, K = x.shape[:-1], x.shape[-1]
-    flat = tuple(w.reshape(K, -1) for w in ws)
-    if impl == "mgpu" and all(matmul_mgpu.dense_supported(x.shape, w.shape) for w in flat):
+    flat = [(K, math.prod(w.shape[1:])) for w in ws]
+    if impl == "mgpu" and all(matmul_mgpu.dense_supported(x.shape, f) for f in flat):
         _check_mgpu()
-        ys = matmul_mgpu.dense_multi(x, *flat)
+        ys = matmul_mgpu.dense_multi(x, *(w.reshape(f) for w, f in zip(ws, flat)))
         return tuple(y.reshape(*batch, *w.shape[1:]) for y, w in zip(ys, ws))
     return tuple(dense(spec, x, w, impl) for spec, w in zip(specs, ws))
 
