@@ -70,17 +70,18 @@ def supported(a_shape, b_shape, transpose_a=False, transpose_b=False, tuning=Non
     """Whether the kernel takes these operand shapes (2-D, tile multiples)."""
     if len(a_shape) != 2 or len(b_shape) != 2:
         return False
-    cl_m, cl_n, tk = _cluster_tile(tuning or TUNING)
+    tuning = tuning or TUNING
+    _, _, cl_m, cl_n = _output_tiles(tuning)
     m, k, k2, n = _dims(a_shape, b_shape, transpose_a, transpose_b)
-    return k == k2 and m % cl_m == 0 and n % cl_n == 0 and k % tk == 0
+    return k == k2 and m % cl_m == 0 and n % cl_n == 0 and k % tuning["tile"][2] == 0
 
 
-def _cluster_tile(tuning):
-    """(rows, columns) of the output a cluster covers per tile, and tile_k."""
-    tm, tn, tk, _ = tuning["tile"]
+def _output_tiles(tuning):
+    """(rows, columns) of the output one CTA covers per tile, then one cluster."""
+    tm, tn, _, _ = tuning["tile"]
     wg_m, cluster = tuning["wg"] == "M", tuning.get("cluster")
-    return (tm * (1 + wg_m) * (1 + (cluster == "M")), tn * (2 - wg_m) * (1 + (cluster == "N")),
-            tk)
+    cta_m, cta_n = tm * (1 + wg_m), tn * (2 - wg_m)
+    return cta_m, cta_n, cta_m * (1 + (cluster == "M")), cta_n * (1 + (cluster == "N"))
 
 
 def _kernel(a_gmem, b_gmem, *refs, transpose_a, transpose_b, tuning):
@@ -89,8 +90,7 @@ def _kernel(a_gmem, b_gmem, *refs, transpose_a, transpose_b, tuning):
     tm, tn, tk, stages = tuning["tile"]
     wg_m, cluster = tuning["wg"] == "M", tuning.get("cluster")
     m, k, _, n = _dims(a_gmem.shape, b_gmem.shape, transpose_a, transpose_b)
-    cta_m, cta_n = tm * (1 + wg_m), tn * (2 - wg_m)
-    cl_m, cl_n, _ = _cluster_tile(tuning)
+    cta_m, cta_n, cl_m, cl_n = _output_tiles(tuning)
     m_iters, n_iters, k_iters = m // cl_m, n // cl_n, k // tk
     # a cluster along N shares A's blocks (same rows), along M shares B's
     a_shared = dict(collective_axes=("cluster",)) if cluster == "N" else {}
@@ -237,7 +237,8 @@ def matmul(a, b, c=None, *, transpose_a=False, transpose_b=False, tuning=None):
 def _matmul(a, b, c, transpose_a, transpose_b, tuning_items):
     # Under jit, every call with the same shapes and layout shares one traced kernel, so its
     # Mosaic module (locations included) is identical and compiled once per step, not once
-    # per layer: the unrolled 16-layer step has 9 distinct GEMMs, not 336.
+    # per layer: the unrolled 16-layer 1B step's 336 GEMM calls share 11 kernels
+    # (bench/lower_cuda.py).
     plgpu = _plgpu()
     tuning = dict(tuning_items)
     m, _, _, n = _dims(a.shape, b.shape, transpose_a, transpose_b)
@@ -253,37 +254,17 @@ def _matmul(a, b, c, transpose_a, transpose_b, tuning_items):
 
 
 def dense(x, w):
-    """x (..., K) @ w (K, N) with forward and both backward GEMMs on this kernel. The output
-    is named `OUTPUT_NAME` so a remat policy can keep it like an XLA dot's (a custom call is
-    no `dot_general`: unnamed, "dots" would re-run the forward GEMM in the backward pass)."""
-    return checkpoint_name(_dense(x, w), OUTPUT_NAME)
-
-
-@jax.custom_vjp
-def _dense(x, w):
-    return _dense_fwd(x, w)[0]
-
-
-def _dense_fwd(x, w):
-    y = matmul(x.reshape(-1, x.shape[-1]), w)
-    return y.reshape(*x.shape[:-1], w.shape[1]), (x, w)
-
-
-def _dense_bwd(res, dy):
-    x, w = res
-    dy2 = dy.reshape(-1, dy.shape[-1]).astype(x.dtype)
-    dx = matmul(dy2, w, transpose_b=True).reshape(x.shape)
-    dw = matmul(x.reshape(-1, x.shape[-1]), dy2, transpose_a=True)
-    return dx, dw
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
+    """x (..., K) @ w (K, N) with forward and both backward GEMMs on this kernel: `dense_multi`
+    with one weight."""
+    return dense_multi(x, w)[0]
 
 
 def dense_multi(x, *ws):
     """(x @ w for w in ws): projections of one input (q/k/v, gate/up) whose input gradients
     are summed in the GEMMs' epilogues (each adds the previous one's), not in passes of
-    their own. Outputs named like `dense`'s."""
+    their own. The outputs are named `OUTPUT_NAME` so a remat policy can keep them like an
+    XLA dot's (a custom call is no `dot_general`: unnamed, "dots" would re-run the forward
+    GEMMs in the backward pass)."""
     return tuple(checkpoint_name(y, OUTPUT_NAME) for y in _dense_multi(x, *ws))
 
 
