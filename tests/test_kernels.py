@@ -330,19 +330,10 @@ def test_matmul_mgpu_refuses_what_it_cannot_run():
     assert matmul_mgpu.dense_supported((2, 256, 256), (256, 512))
 
 
-def _xla_matmul(monkeypatch):
-    """Stands XLA in for the Mosaic kernel (no CPU interpreter for wgmma), so what is tested
-    is the wiring around it: which layout each forward/backward GEMM is asked for."""
+def test_dense_forward_and_gradients_match_einsum(xla_gemms):
     from kernels import matmul_mgpu
 
-    monkeypatch.setattr(matmul_mgpu, "_matmul", lambda a, b, c, ta, tb, _: (
-        matmul_mgpu.matmul_reference(a, b, ta, tb, c)))
-
-
-def test_dense_forward_and_gradients_match_einsum(monkeypatch):
-    from kernels import matmul_mgpu
-
-    _xla_matmul(monkeypatch)
+    xla_gemms()
     kx, kw, kd = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (2, 256, 256), jnp.float32).astype(jnp.bfloat16)
     w = (jax.random.normal(kw, (256, 768)) * 0.05).astype(jnp.bfloat16)

@@ -108,14 +108,13 @@ def test_rope_is_a_rotation_by_position():
     np.testing.assert_allclose(y[:, 0], x[:, 0], atol=1e-7)  # position 0: identity
 
 
-def test_mgpu_matmul_model_matches_xla_and_compiles_each_gemm_once(monkeypatch):
+def test_mgpu_matmul_model_matches_xla_and_compiles_each_gemm_once(monkeypatch, xla_gemms):
     """model.matmul='mgpu': the same logits and gradients as XLA's einsums (XLA standing in
     for the kernel, whose numbers bench/gemm.py checks on the H200); for CUDA the step has
     21 GEMM calls per layer (3 per weight), none re-run by remat "dots", and one compiled
     kernel per distinct shape and layout (and summing epilogue) however many layers."""
     import re
 
-    from kernels import matmul_mgpu
     from olmo2_jax import model as model_lib
 
     cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
@@ -133,8 +132,7 @@ def test_mgpu_matmul_model_matches_xla_and_compiles_each_gemm_once(monkeypatch):
     assert len(re.findall(r"call @_matmul", lowered)) == 2 * 21
     assert len(set(re.findall(r'kernel_hash = "(.*?)", module', lowered))) == 11
 
-    monkeypatch.setattr(matmul_mgpu, "_matmul", lambda a, b, c, ta, tb, _: (
-        matmul_mgpu.matmul_reference(a, b, ta, tb, c)))
+    xla_gemms()
     loss = lambda p, c: jnp.mean(Transformer(c).apply({"params": p}, tokens).astype(  # noqa: E731
         jnp.float32) ** 2)
     np.testing.assert_allclose(loss(params, mgpu), loss(params, cfg), rtol=1e-3)
