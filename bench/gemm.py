@@ -10,7 +10,8 @@ Pallas example kernel `hopper_matmul_mgpu`, a sweep of its tile/grid settings) a
 checking it against XLA's result; with `ours` in --impls, our kernel
 (kernels/matmul_mgpu.py) in the three layouts of a dense layer's step (nn: forward,
 nt: input gradient, tn: weight gradient) against XLA's GEMM in the same layout, over a
-sweep of its TUNING. `swiglu` rows time XLA's unfused forward
+sweep of its TUNING, and at nt's best setting with c added in its epilogue (nt+c: the
+input-gradient sums) against XLA's GEMM + add. `swiglu` rows time XLA's unfused forward
 silu(x Wg) * (x Wu) against its two GEMMs alone: the difference is what a GEMM with the
 product in its epilogue could save per layer.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -55,43 +57,6 @@ def _mgpu_configs(hm, quick: bool):
                               grid_minor_dim=minor, grid_tile_width=width, wg_dimension=wg)
 
 
-def bench_gemm(name, m, k, n, impls, quick):
-    a, b = _operands(m, k, n)
-    flops = 2.0 * m * n * k
-    xla = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
-                  .astype(jnp.bfloat16))
-    ref = xla(a, b)
-    rows = []
-    if "xla" in impls:
-        t = time_fn(xla, (a, b))
-        rows.append({"shape": name, "mkn": [m, k, n], "impl": "xla", "ms": round(t * 1e3, 4),
-                     "tflops": round(flops / t / 1e12, 1)})
-    if "mgpu" in impls:
-        from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
-        best = None
-        for cfg in _mgpu_configs(hm, quick):
-            try:
-                f = jax.jit(lambda a, b, cfg=cfg: hm.matmul(a, b, None, cfg))
-                out = f(a, b)
-                err = rel_err(out, ref)
-                if err > 2e-2:
-                    raise AssertionError(f"max error {err:.3g} against XLA's result")
-                t = time_fn(f, (a, b))
-            except Exception as e:  # noqa: BLE001 -- a config that does not build is skipped
-                print(json.dumps({"shape": name, "impl": "mgpu", "config": str(cfg),
-                                  "error": repr(e)[:200]}), flush=True)
-                continue
-            if best is None or t < best[0]:
-                best = (t, cfg, err)
-        if best:
-            t, cfg, err = best
-            rows.append({"shape": name, "mkn": [m, k, n], "impl": "mgpu", "ms": round(t * 1e3, 4),
-                         "tflops": round(flops / t / 1e12, 1), "max_rel_err": round(err, 5),
-                         "config": {"wg": str(cfg.wg_dimension), "minor": str(cfg.grid_minor_dim),
-                                    "width": cfg.grid_tile_width}})
-    return rows
-
-
 LAYOUTS = {"nn": (False, False), "nt": (False, True), "tn": (True, False)}
 
 
@@ -109,69 +74,82 @@ def _our_configs(quick: bool):
         yield {"tile": (128, 128, 64, 4), "wg": wg, "width": width, "cluster": cluster}
 
 
-def bench_ours(name, m, k, n, impls, quick):
-    """Our GEMM (kernels/matmul_mgpu.py) against XLA's, per layout of the dense layer."""
+def _sweep(row, configs, build, args, ref, flops):
+    """Each setting's kernel `build(cfg)` checked against `ref`, then timed, each printed as a
+    row (`row` names the shape/layout/impl); returns (time, cfg, error) of the fastest, or
+    None if none built."""
+    best = None
+    for cfg in configs:
+        try:
+            f = jax.jit(build(cfg))
+            err = rel_err(f(*args), ref)
+            if err > 2e-2:
+                raise AssertionError(f"max error {err:.3g} against XLA's result")
+            t = time_fn(f, args)
+        except Exception as e:  # noqa: BLE001 -- a setting that does not build is skipped
+            print(json.dumps({**row, "config": str(cfg), "error": repr(e)[:300]}), flush=True)
+            continue
+        print(json.dumps({**row, "config": _describe(cfg), "ms": round(t * 1e3, 4),
+                          "tflops": round(flops / t / 1e12, 1), "sweep": True}), flush=True)
+        if best is None or t < best[0]:
+            best = (t, cfg, err)
+    return best
+
+
+def _describe(cfg):
+    """A sweep setting as JSON: ours are dicts, jax's example's a TuningConfig."""
+    if isinstance(cfg, dict):
+        return cfg
+    return {"wg": str(cfg.wg_dimension), "minor": str(cfg.grid_minor_dim),
+            "width": cfg.grid_tile_width}
+
+
+def bench_shape(name, m, k, n, impls, quick):
+    """XLA's GEMM, jax's example GEMM (`mgpu`, forward layout only) and ours (`ours`, all
+    three layouts, plus nt with c added in the epilogue), each checked against XLA's result."""
     from kernels import matmul_mgpu
     flops, rows = 2.0 * m * n * k, []
-    for layout, (ta, tb) in LAYOUTS.items():
-        a, b = _layout_operands(m, k, n, layout)
-        a, b = jax.block_until_ready((jnp.array(a), jnp.array(b)))  # stored, not a view
-        xla = jax.jit(lambda a, b, ta=ta, tb=tb: jnp.dot(
-            a.T if ta else a, b.T if tb else b, preferred_element_type=jnp.float32)
-            .astype(jnp.bfloat16))
+    for layout, (ta, tb) in LAYOUTS.items() if "ours" in impls else [("nn", LAYOUTS["nn"])]:
+        a, b = jax.block_until_ready(_layout_operands(m, k, n, layout))
+        xla = jax.jit(functools.partial(matmul_mgpu.matmul_reference, transpose_a=ta,
+                                        transpose_b=tb))
         ref = xla(a, b)
+        key = {"shape": name, "layout": layout, "mkn": [m, k, n]}
+
+        def timed(impl, t, **extra):
+            return {**key, "impl": impl, "ms": round(t * 1e3, 4),
+                    "tflops": round(flops / t / 1e12, 1), **extra}
+
+        def ours(cfg):  # our kernel at a setting, with or without c
+            return lambda a, b, *c: matmul_mgpu.matmul(a, b, *c, transpose_a=ta,
+                                                       transpose_b=tb, tuning=cfg)
+
         if "xla" in impls:
-            t = time_fn(xla, (a, b))
-            rows.append({"shape": name, "layout": layout, "mkn": [m, k, n], "impl": "xla",
-                         "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1)})
-        best = None
-        for cfg in _our_configs(quick):
-            try:
-                f = jax.jit(lambda a, b, cfg=cfg, ta=ta, tb=tb: matmul_mgpu.matmul(
-                    a, b, transpose_a=ta, transpose_b=tb, tuning=cfg))
-                err = rel_err(f(a, b), ref)
-                if err > 2e-2:
-                    raise AssertionError(f"max error {err:.3g} against XLA's result")
-                t = time_fn(f, (a, b))
-            except Exception as e:  # noqa: BLE001 -- a config that does not build is skipped
-                print(json.dumps({"shape": name, "layout": layout, "impl": "ours",
-                                  "config": str(cfg), "error": repr(e)[:300]}), flush=True)
-                continue
-            print(json.dumps({"shape": name, "layout": layout, "impl": "ours", "config": cfg,
-                              "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1),
-                              "sweep": True}), flush=True)
-            if best is None or t < best[0]:
-                best = (t, cfg, err)
-        if best:
-            t, cfg, err = best
-            rows.append({"shape": name, "layout": layout, "mkn": [m, k, n], "impl": "ours",
-                         "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1),
-                         "max_rel_err": round(err, 5), "config": cfg,
-                         "tuned_wg": matmul_mgpu.tuning_for(a.shape, b.shape, ta, tb)["wg"]})
-            if layout == "nt":  # + c in the epilogue (input-gradient sums), against XLA's
-                rows.extend(_plus_c(name, m, k, n, a, b, cfg, impls))
-    return rows
-
-
-def _plus_c(name, m, k, n, a, b, cfg, impls):
-    from kernels import matmul_mgpu
-    c = jax.random.normal(jax.random.key(9), (m, n), jnp.bfloat16)
-    ours = jax.jit(lambda a, b, c: matmul_mgpu.matmul(a, b, c, transpose_b=True, tuning=cfg))
-    xla = jax.jit(lambda a, b, c: matmul_mgpu.matmul_reference(a, b, False, True, c))
-    rows, flops = [], 2.0 * m * n * k
-    for impl, f in (("xla", xla), ("ours", ours)):
-        if impl not in impls:
+            rows.append(timed("xla", time_fn(xla, (a, b))))
+        if "mgpu" in impls and layout == "nn":
+            from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
+            best = _sweep({**key, "impl": "mgpu"}, _mgpu_configs(hm, quick),
+                          lambda cfg: lambda a, b: hm.matmul(a, b, None, cfg), (a, b), ref, flops)
+            if best:
+                rows.append(timed("mgpu", best[0], max_rel_err=round(best[2], 5),
+                                  config=_describe(best[1])))
+        if "ours" not in impls:
             continue
-        row = {"shape": name, "layout": "nt+c", "mkn": [m, k, n], "impl": impl}
-        try:
-            row["max_rel_err"] = round(rel_err(f(a, b, c), xla(a, b, c)), 5)
-            if row["max_rel_err"] > 2e-2:
-                raise AssertionError(f"max error {row['max_rel_err']} against XLA's result")
-            t = time_fn(f, (a, b, c))
-            row.update(ms=round(t * 1e3, 4), tflops=round(flops / t / 1e12, 1))
-        except Exception as e:  # noqa: BLE001 -- report, keep the other rows
-            row["error"] = repr(e)[:300]
-        rows.append(row)
+        best = _sweep({**key, "impl": "ours"}, _our_configs(quick), ours, (a, b), ref, flops)
+        if best:
+            rows.append(timed("ours", best[0], max_rel_err=round(best[2], 5), config=best[1],
+                              tuned_wg=matmul_mgpu.tuning_for(a.shape, b.shape, ta, tb)["wg"]))
+        if best and layout == "nt":  # + c added in the epilogue (the input-gradient sums)
+            key["layout"] = "nt+c"
+            c = jax.random.normal(jax.random.key(9), (m, n), jnp.bfloat16)
+            xla_c = jax.jit(lambda a, b, c: matmul_mgpu.matmul_reference(a, b, False, True, c))
+            if "xla" in impls:
+                rows.append(timed("xla", time_fn(xla_c, (a, b, c))))
+            best_c = _sweep({**key, "impl": "ours"}, [best[1]], ours, (a, b, c), xla_c(a, b, c),
+                            flops)
+            if best_c:
+                rows.append(timed("ours", best_c[0], max_rel_err=round(best_c[2], 5),
+                                  config=best_c[1]))
     return rows
 
 
@@ -210,11 +188,7 @@ def main():
     for name, (m, k, n) in shapes(a.tokens).items():
         if name not in wanted:
             continue
-        # with ours, XLA is timed per layout in bench_ours (its nn row is bench_gemm's)
-        found = bench_gemm(name, m, k, n, impls - {"ours", "xla"} if "ours" in impls else impls,
-                           a.quick)
-        for r in itertools.chain(found, bench_ours(name, m, k, n, impls, a.quick)
-                                 if "ours" in impls else ()):
+        for r in bench_shape(name, m, k, n, impls, a.quick):
             rows.append(r)
             print(json.dumps(r), flush=True)
     if "swiglu" in wanted:

@@ -117,3 +117,17 @@ def test_lower_cuda_counts_the_kernels_a_gpu_compile_builds(monkeypatch, capsys)
     lower_cuda.main()
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (row["matmul_calls"], row["mosaic_call_sites"], row["distinct_kernels"]) == (21, 11, 11)
+
+
+def test_gemm_bench_rows_for_our_kernel_in_each_layout(xla_gemms):
+    """bench/gemm's `ours` path, XLA standing in for the kernel: per layout the XLA row and
+    the best swept setting of ours (checked against XLA first), plus nt with c added."""
+    from bench import gemm
+
+    xla_gemms()
+    rows = gemm.bench_shape("attn_proj", 256, 256, 512, {"xla", "ours"}, quick=True)
+    assert [(r["layout"], r["impl"]) for r in rows] == [
+        ("nn", "xla"), ("nn", "ours"), ("nt", "xla"), ("nt", "ours"), ("nt+c", "xla"),
+        ("nt+c", "ours"), ("tn", "xla"), ("tn", "ours")]
+    assert all(r["max_rel_err"] == 0.0 for r in rows if r["impl"] == "ours")
+    assert rows[1]["tuned_wg"] == "M" and rows[1]["config"]["tile"] == (128, 128, 64, 4)
