@@ -39,8 +39,13 @@ def lower(config, batch: int, seq: int) -> dict:
     text = jax.jit(jax.grad(loss)).trace(
         params, jax.ShapeDtypeStruct((batch, seq), jnp.int32)).lower(
         lowering_platforms=("cuda",)).as_text()
-    return {"lower_s": round(time.perf_counter() - t0, 1),
-            "mosaic_call_sites": text.count("custom_call @mosaic_gpu"),
+    return {"lower_s": round(time.perf_counter() - t0, 1), **kernel_counts(text)}
+
+
+def kernel_counts(text: str) -> dict:
+    """From lowered StableHLO text: Mosaic GPU custom-call sites, calls of the shared GEMM
+    function (kernels/matmul_mgpu._matmul) and distinct kernels (by `kernel_hash`)."""
+    return {"mosaic_call_sites": text.count("custom_call @mosaic_gpu"),
             "matmul_calls": len(re.findall(r"call @_matmul", text)),
             "distinct_kernels": len(set(re.findall(r'kernel_hash = "(.*?)", module', text)))}
 
