@@ -7,9 +7,11 @@ same kernel.
     dw = matmul(x, dy, transpose_a=True)      # weight grad    (M, K)^T @ (M, N)
     dx = matmul(dy2, w2, dx, transpose_b=True)  # + c: a second projection's input grad added
 
-Why: GEMMs are ~70% of the OLMo-2-1B step, and alone at its shapes the H200 runs this kernel
-at 708-765 TFLOP/s against 638-740 for XLA's cuBLAS GEMMs, in all three layouts. Inside the
-step it does not win yet (docs/performance.md, seventh session; `python bench/gemm.py`).
+Why: GEMMs are ~70% of the OLMo-2-1B step, and a GEMM of our own is the base on which
+elementwise work can be fused into epilogues. It is not faster than cuBLAS: alone at the 1B
+shapes the H200 runs it at 716-781 TFLOP/s against XLA's 736-795 (ahead only at the MLP
+down-projection), and the step with `model.matmul="mgpu"` is 3-5% slower (docs/performance.md,
+eighth session; `python bench/gemm.py`).
 Transposes are read by the TMA and the MMA (K-major/MN-major shared-memory operands), never
 written to memory.
 

@@ -119,6 +119,22 @@ def test_lower_cuda_counts_the_kernels_a_gpu_compile_builds(monkeypatch, capsys)
     assert (row["matmul_calls"], row["mosaic_call_sites"], row["distinct_kernels"]) == (21, 11, 11)
 
 
+def test_gemm_bench_times_xla_as_the_step_runs_it():
+    """The XLA baseline is a bf16-output dot (as the step's einsums), not an fp32 output and a
+    cast: timing that made XLA look 1-15% slower than it runs in the step."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench import gemm
+
+    a, b, c = (jnp.ones(s, jnp.bfloat16) for s in ((64, 32), (48, 32), (64, 48)))
+    for cs in ((), (c,)):
+        eqns = jax.make_jaxpr(lambda a, b, *cs: gemm.step_dot(a, b, False, True, *cs))(
+            a, b, *cs).eqns
+        assert [e.primitive.name for e in eqns] == ["transpose", "dot_general", "add"][:2 + len(cs)]
+        assert all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in eqns)
+
+
 def test_gemm_bench_rows_for_our_kernel_in_each_layout(xla_gemms):
     """bench/gemm's `ours` path, XLA standing in for the kernel: per layout the XLA row and
     the best swept setting of ours (checked against XLA first), plus nt with c added."""
