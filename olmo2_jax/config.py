@@ -21,6 +21,7 @@ MODEL_PRESETS = {
 REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MATMUL_IMPLS = ("xla", "mgpu")
+NORM_IMPLS = ("xla", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -54,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "auto"  # one of ATTENTION_IMPLS; auto = pallas on TPU, cudnn on GPU, xla on CPU
     # the layers' weight GEMMs: "xla", or "mgpu" = kernels/matmul_mgpu.py (Hopper, one GPU)
     m.matmul = "xla"
+    # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; GPU, one device)
+    m.norm_impl = "xla"
 
     c.data = d = ml_collections.ConfigDict()
     d.paths = ""  # comma-separated raw uint32 token files (globs ok); "" = embedded corpus
@@ -191,6 +194,8 @@ def validate(c, num_devices: int | None = None) -> None:
     need(m.matmul != "mgpu" or m.dtype in ("bfloat16", "float16"),
          f"config.model.matmul='mgpu' multiplies bfloat16 or float16, not dtype={m.dtype!r}; "
          "use matmul='xla'")
+    need(m.norm_impl in NORM_IMPLS,
+         f"config.model.norm_impl={m.norm_impl!r}: choose one of {NORM_IMPLS}")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"config.model.{key}={m[key]!r}: choose one of {DTYPES}")
     need(m.rope_theta > 0 and m.norm_eps > 0, "config.model.rope_theta and norm_eps must be > 0")
@@ -256,6 +261,9 @@ def validate(c, num_devices: int | None = None) -> None:
              f"n_kv_heads={m.n_kv_heads}")
         need(m.mlp_hidden % shape["tensor"] == 0,
              f"config.mesh.tensor={shape['tensor']} must divide model.mlp_hidden={m.mlp_hidden}")
+        need(m.norm_impl != "pallas" or num_devices == 1,
+             f"config.model.norm_impl='pallas' runs on one GPU (the kernel is not partitioned "
+             f"yet), this run has {num_devices} devices; use norm_impl='xla'")
         need(m.matmul != "mgpu" or num_devices == 1,
              f"config.model.matmul='mgpu' runs on one GPU (the kernel is not partitioned "
              f"yet), this run has {num_devices} devices; use matmul='xla'")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels import matmul_mgpu
+from kernels import matmul_mgpu, rmsnorm_gpu
 from kernels.attention import HEAD_DIMS as PALLAS_HEAD_DIMS, RESIDUAL_NAMES, current_platform
 from kernels.attention import flash_attention
 from olmo2_jax import config as config_lib
@@ -87,6 +87,7 @@ class ModelConfig:
     remat: str = "dots"
     attention: str = "auto"
     matmul: str = "xla"
+    norm_impl: str = "xla"
 
     @classmethod
     def from_config(cls, m) -> "ModelConfig":
@@ -97,7 +98,7 @@ class ModelConfig:
             head_dim=config_lib.head_dim(m), mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta,
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
             param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers, remat=m.remat,
-            attention=m.attention, matmul=m.matmul)
+            attention=m.attention, matmul=m.matmul, norm_impl=m.norm_impl)
 
 
 def _init(cfg: ModelConfig):
@@ -120,6 +121,9 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         n = len(self.axes)
         scale = _param(self, "scale", x.shape[-n:], self.axes, nn.initializers.ones)
+        if self.cfg.norm_impl == "pallas" and rmsnorm_gpu.supported(x.shape, scale.shape):
+            _check_one_gpu("norm_impl='pallas'", "norm_impl='xla'")
+            return rmsnorm_gpu.rms_norm(x, scale, self.cfg.norm_eps, self.cfg.dtype)
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=tuple(range(-n, 0)), keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.cfg.norm_eps)
@@ -148,15 +152,21 @@ def attention_impl(name: str, head_dim: int = 128) -> str:
     return name
 
 
-def _check_mgpu():
-    """model.matmul='mgpu' is for one Hopper GPU: say so before a long compile fails."""
+def _check_one_gpu(what: str, fix: str, gpu: str = "a GPU"):
+    """GPU kernels that are not partitioned yet run on one GPU: say so before a long compile
+    fails (config.validate checks the device count; this, the platform and the mesh)."""
     if current_platform() != "gpu":
-        raise ValueError("config.model.matmul='mgpu' needs a Hopper GPU, this step is "
-                         f"compiled for {current_platform()!r}; use matmul='xla'")
+        raise ValueError(f"config.model.{what} needs {gpu}, this step is compiled for "
+                         f"{current_platform()!r}; use {fix}")
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
-        raise ValueError(f"config.model.matmul='mgpu' runs on one GPU, the mesh has "
-                         f"{mesh.size} devices; use matmul='xla'")
+        raise ValueError(f"config.model.{what} runs on one GPU, the mesh has {mesh.size} "
+                         f"devices; use {fix}")
+
+
+def _check_mgpu():
+    """model.matmul='mgpu' is for one Hopper GPU."""
+    _check_one_gpu("matmul='mgpu'", "matmul='xla'", "a Hopper GPU")
 
 
 def dense(spec: str, x: Array, w: Array, impl: str = "xla", contract: int = 1) -> Array:

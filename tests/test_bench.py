@@ -147,3 +147,13 @@ def test_gemm_bench_rows_for_our_kernel_in_each_layout(xla_gemms):
         ("nt+c", "ours"), ("tn", "xla"), ("tn", "ours")]
     assert all(r["max_rel_err"] == 0.0 for r in rows if r["impl"] == "ours")
     assert rows[1]["tuned_wg"] == "M" and rows[1]["config"]["tile"] == (128, 128, 64, 4)
+
+
+def test_rmsnorm_bench_checks_then_times_both(capsys):
+    """bench/rmsnorm on the CPU through Pallas' interpreter: XLA's and our rows per shape,
+    ours checked against XLA's forward, dx and dscale first."""
+    from bench import rmsnorm
+
+    rows = rmsnorm.bench_shape("qk_norm", (16, 4, 16), (4, 16), interpret=True)
+    assert [r["impl"] for r in rows] == ["xla", "ours"] and all(r["ms"] > 0 for r in rows)
+    assert max(rows[1]["max_rel_err"]) < 1e-2

@@ -31,6 +31,8 @@ def tiny():
      "config.model.matmul='mgpu' multiplies bfloat16 or float16, not dtype='float32'"),
     (dict(model=dict(matmul="mgpu", dtype="bfloat16")), 8,
      "config.model.matmul='mgpu' runs on one GPU"),
+    (dict(model=dict(norm_impl="triton")), None, "config.model.norm_impl='triton': choose one of"),
+    (dict(model=dict(norm_impl="pallas")), 8, "config.model.norm_impl='pallas' runs on one GPU"),
 ])
 def test_validation_errors_are_clear(change, devices, message):
     c = tiny()

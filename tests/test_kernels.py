@@ -2,6 +2,7 @@
 
 import functools
 import importlib.util
+import math
 import os
 import runpy
 import subprocess
@@ -367,3 +368,48 @@ def test_mosaic_gpu_kernels_carry_names_a_profile_can_class():
     text = lowered(lambda q: jax.grad(lambda q: flash_attention(
         q, q, q, backend="mgpu").astype(jnp.float32).sum())(q), q)
     assert "flash_attention_fwd_kernel" in text and "anonymous" not in text
+
+
+@pytest.mark.parametrize("x_shape,scale_shape,min_programs", [
+    ((2, 64, 256), (256,), 264),        # one step per program
+    ((4, 128, 2, 32), (2, 32), 4),      # QK-norm's two trailing axes; several steps per program
+])
+def test_rmsnorm_one_pass_backward_matches_autodiff(x_shape, scale_shape, min_programs,
+                                                    monkeypatch):
+    """kernels/rmsnorm_gpu (Pallas interpreter): the forward is XLA's; dx and dscale match
+    autodiff of the same forward, including the partial dscale sums carried across a
+    program's steps."""
+    from kernels import rmsnorm_gpu
+
+    monkeypatch.setitem(rmsnorm_gpu.TUNING, "min_programs", min_programs)
+    M = math.prod(x_shape[:-len(scale_shape)])
+    assert (rmsnorm_gpu._steps(M // rmsnorm_gpu.TUNING["rows"]) > 1) == (min_programs == 4)
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], x_shape, jnp.bfloat16) * 3
+    scale = 1 + 0.1 * jax.random.normal(k[1], scale_shape, jnp.float32)
+    dy = jax.random.normal(k[2], x_shape, jnp.bfloat16)
+    y_ref, vjp_ref = jax.vjp(lambda x, s: rmsnorm_gpu.reference(x, s, 1e-6, jnp.bfloat16), x, scale)
+    y, vjp = jax.vjp(lambda x, s: rmsnorm_gpu.rms_norm(x, s, 1e-6, jnp.bfloat16, interpret=True),
+                     x, scale)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    for got, ref in zip(vjp(dy), vjp_ref(dy)):
+        got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+        assert got.dtype == ref.dtype and got.shape == ref.shape
+        assert np.max(np.abs(got - ref)) <= 8e-3 * np.max(np.abs(ref))
+
+
+def test_rmsnorm_kernel_refuses_what_it_cannot_run_and_lowers_for_cuda():
+    from kernels import rmsnorm_gpu
+
+    x = jnp.zeros((8, 96), jnp.bfloat16)
+    assert not rmsnorm_gpu.supported(x.shape, (96,))
+    with pytest.raises(ValueError, match="feature width must be a power of two.*norm_impl='xla'"):
+        rmsnorm_gpu.rms_norm(x, jnp.ones((96,)), 1e-6)
+    with pytest.raises(ValueError, match="scale .* must match"):
+        rmsnorm_gpu.rms_norm(x, jnp.ones((64,)), 1e-6)
+    grad = jax.jit(jax.grad(lambda x, s: jnp.sum(rmsnorm_gpu.rms_norm(x, s, 1e-6).astype(
+        jnp.float32)), argnums=(0, 1)))
+    text = grad.trace(jax.ShapeDtypeStruct((24 * 4096, 2048), jnp.bfloat16),
+                      jax.ShapeDtypeStruct((2048,), jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "rmsnorm_bwd" in text

@@ -141,3 +141,33 @@ def test_mgpu_matmul_model_matches_xla_and_compiles_each_gemm_once(monkeypatch, 
         got = np.asarray(functools.reduce(lambda t, k: t[k.key], path, g), np.float32)
         ref = np.asarray(ref, np.float32)
         assert np.max(np.abs(got - ref)) <= 0.02 * np.max(np.abs(ref)) + 1e-8, path
+
+
+def test_pallas_norm_model_matches_xla(monkeypatch):
+    """model.norm_impl='pallas': on the CPU it names the fix; with the kernel in Pallas'
+    interpreter the loss and every gradient match XLA's norms, under remat "dots"."""
+    from kernels import rmsnorm_gpu
+    from olmo2_jax import model as model_lib
+
+    cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
+                      n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
+                      attention="xla", remat="dots")
+    ours = dataclasses.replace(cfg, norm_impl="pallas")
+    tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 64), 0, cfg.vocab_size)
+    _, params = init(cfg)
+    with pytest.raises(ValueError, match="norm_impl='pallas' needs a GPU.*use norm_impl='xla'"):
+        Transformer(ours).apply({"params": params}, tokens)
+
+    monkeypatch.setattr(model_lib, "current_platform", lambda: "gpu")
+    monkeypatch.setattr(rmsnorm_gpu, "rms_norm",
+                        functools.partial(rmsnorm_gpu.rms_norm, interpret=True))
+    loss = lambda p, c: jnp.mean(Transformer(c).apply({"params": p}, tokens).astype(  # noqa: E731
+        jnp.float32) ** 2)
+    # 4 norms per layer and the final one, each backward one kernel
+    assert str(jax.make_jaxpr(jax.grad(lambda p: loss(p, ours)))(params)).count("pallas_call") == 9
+    np.testing.assert_allclose(loss(params, ours), loss(params, cfg), rtol=1e-3)
+    g, g_ref = jax.grad(loss)(params, ours), jax.grad(loss)(params, cfg)
+    for path, ref in jax.tree_util.tree_leaves_with_path(g_ref):
+        got = np.asarray(functools.reduce(lambda t, k: t[k.key], path, g), np.float32)
+        ref = np.asarray(ref, np.float32)
+        assert np.max(np.abs(got - ref)) <= 0.02 * np.max(np.abs(ref)) + 1e-8, path

@@ -1,0 +1,77 @@
+"""RMSNorm forward + backward at the 1B step's shape: XLA's autodiff against
+kernels/rmsnorm_gpu.py (XLA forward, one-pass Pallas backward), checked against XLA first.
+
+    python bench/rmsnorm.py --out=/tmp/rmsnorm.json       # a CUDA GPU
+    python bench/rmsnorm.py --tokens=256 --interpret      # anywhere (Pallas interpreter)
+
+Rows: the post-norms' shape (tokens, 2048) with scale (2048,) and QK-norm's (tokens, 16, 128)
+with scale (16, 128); times are for the forward and the backward together, as in a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.attention import rel_err, time_fn  # noqa: E402
+from kernels import rmsnorm_gpu  # noqa: E402
+
+EPS = 1e-6
+
+
+def bench_shape(name, x_shape, scale_shape, interpret=False):
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], x_shape, jnp.bfloat16) * 2
+    scale = 1 + 0.1 * jax.random.normal(k[1], scale_shape, jnp.float32)
+    dy = jax.random.normal(k[2], x_shape, jnp.bfloat16)
+
+    def step(norm):
+        def f(x, scale, dy):
+            y, vjp = jax.vjp(norm, x, scale)
+            return (y, *vjp(dy))
+        return jax.jit(f)
+
+    xla = step(lambda x, s: rmsnorm_gpu.reference(x, s, EPS, jnp.bfloat16))
+    ours = step(lambda x, s: rmsnorm_gpu.rms_norm(x, s, EPS, jnp.bfloat16, interpret=interpret))
+    args, rows = (x, scale, dy), []
+    ref, out = xla(*args), ours(*args)
+    errs = [rel_err(a, b) for a, b in zip(out, ref)]
+    if max(errs) > 1e-2:
+        raise AssertionError(f"{name}: max errors (y, dx, dscale) {errs} against XLA")
+    for impl, f in (("xla", xla), ("ours", ours)):
+        t = time_fn(f, args)
+        rows.append({"shape": name, "x": list(x_shape), "impl": impl, "ms": round(t * 1e3, 4),
+                     **({"max_rel_err": [round(e, 6) for e in errs]} if impl == "ours" else {})})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=32768, help="rows (batch x seq)")
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (no GPU)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": jax.devices()[0].device_kind, "jax": jax.__version__, "tokens": a.tokens}
+    print(json.dumps(header), flush=True)
+    rows = []
+    for name, xs, ss in (("post_norm", (a.tokens, 2048), (2048,)),
+                         ("qk_norm", (a.tokens, 16, 128), (16, 128))):
+        for r in bench_shape(name, xs, ss, a.interpret):
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({**header, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
