@@ -21,7 +21,7 @@ MODEL_PRESETS = {
 REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MATMUL_IMPLS = ("xla", "mgpu")
-NORM_IMPLS = ("xla", "pallas")
+NORM_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -55,8 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "auto"  # one of ATTENTION_IMPLS; auto = pallas on TPU, cudnn on GPU, xla on CPU
     # the layers' weight GEMMs: "xla", or "mgpu" = kernels/matmul_mgpu.py (Hopper, one GPU)
     m.matmul = "xla"
-    # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; GPU, one device)
-    m.norm_impl = "xla"
+    # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; one GPU);
+    # auto = pallas on one GPU, xla elsewhere (TPU, CPU, meshes of several devices)
+    m.norm_impl = "auto"
 
     c.data = d = ml_collections.ConfigDict()
     d.paths = ""  # comma-separated raw uint32 token files (globs ok); "" = embedded corpus

@@ -118,7 +118,7 @@ def test_mgpu_matmul_model_matches_xla_and_compiles_each_gemm_once(monkeypatch, 
 
     cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
                       n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
-                      attention="xla")
+                      attention="xla", norm_impl="xla")
     mgpu = dataclasses.replace(cfg, matmul="mgpu")
     tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 256), 0, cfg.vocab_size)
     _, params = init(cfg)
@@ -145,26 +145,35 @@ def test_mgpu_matmul_model_matches_xla_and_compiles_each_gemm_once(monkeypatch, 
 
 def test_pallas_norm_model_matches_xla(monkeypatch):
     """model.norm_impl='pallas': on the CPU it names the fix; with the kernel in Pallas'
-    interpreter the loss and every gradient match XLA's norms, under remat "dots"."""
+    interpreter the loss and every gradient match XLA's norms, under remat "dots". "auto"
+    picks the kernel on one GPU only: XLA on the CPU and on a mesh of several devices."""
     from kernels import rmsnorm_gpu
     from olmo2_jax import model as model_lib
 
     cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
                       n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
-                      attention="xla", remat="dots")
+                      attention="xla", remat="dots", norm_impl="xla")
     ours = dataclasses.replace(cfg, norm_impl="pallas")
     tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 64), 0, cfg.vocab_size)
     _, params = init(cfg)
     with pytest.raises(ValueError, match="norm_impl='pallas' needs a GPU.*use norm_impl='xla'"):
         Transformer(ours).apply({"params": params}, tokens)
+    np.testing.assert_array_equal(
+        Transformer(dataclasses.replace(cfg, norm_impl="auto")).apply({"params": params}, tokens),
+        Transformer(cfg).apply({"params": params}, tokens))
 
     monkeypatch.setattr(model_lib, "current_platform", lambda: "gpu")
     monkeypatch.setattr(rmsnorm_gpu, "rms_norm",
                         functools.partial(rmsnorm_gpu.rms_norm, interpret=True))
     loss = lambda p, c: jnp.mean(Transformer(c).apply({"params": p}, tokens).astype(  # noqa: E731
         jnp.float32) ** 2)
-    # 4 norms per layer and the final one, each backward one kernel
-    assert str(jax.make_jaxpr(jax.grad(lambda p: loss(p, ours)))(params)).count("pallas_call") == 9
+    def kernels(c):  # 4 norms per layer and the final one, each backward one kernel
+        return str(jax.make_jaxpr(jax.grad(lambda p: loss(p, c)))(params)).count("pallas_call")
+
+    auto = dataclasses.replace(cfg, norm_impl="auto")
+    assert kernels(ours) == kernels(auto) == 9 and kernels(cfg) == 0
+    with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+        assert kernels(auto) == 0
     np.testing.assert_allclose(loss(params, ours), loss(params, cfg), rtol=1e-3)
     g, g_ref = jax.grad(loss)(params, ours), jax.grad(loss)(params, cfg)
     for path, ref in jax.tree_util.tree_leaves_with_path(g_ref):
