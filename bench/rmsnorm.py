@@ -3,6 +3,7 @@ kernels/rmsnorm_gpu.py (XLA forward, one-pass Pallas backward), checked against 
 
     python bench/rmsnorm.py --out=/tmp/rmsnorm.json       # a CUDA GPU
     python bench/rmsnorm.py --tokens=256 --interpret      # anywhere (Pallas interpreter)
+    python bench/rmsnorm.py --sweep                       # + each tile setting of ours
 
 Rows: the post-norms' shape (tokens, 2048) with scale (2048,) and QK-norm's (tokens, 16, 128)
 with scale (16, 128); times are for the forward and the backward together, as in a step.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -53,10 +55,26 @@ def bench_shape(name, x_shape, scale_shape, interpret=False):
     return rows
 
 
+def sweep(name, x_shape, scale_shape, interpret=False):
+    """Our rows at each (rows, max_steps, num_warps) setting, TUNING restored after."""
+    saved, rows = dict(rmsnorm_gpu.TUNING), []
+    try:
+        for r, steps, warps in itertools.product((2, 4, 8, 16), (4, 8), (4, 8, 16)):
+            rmsnorm_gpu.TUNING.update(rows=r, max_steps=steps, num_warps=warps)
+            row = bench_shape(name, x_shape, scale_shape, interpret)[1]
+            rows.append({**row, "tuning": dict(rmsnorm_gpu.TUNING)})
+    finally:
+        rmsnorm_gpu.TUNING.clear()
+        rmsnorm_gpu.TUNING.update(saved)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=32768, help="rows (batch x seq)")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (no GPU)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time ours at each (rows, max_steps, num_warps) setting")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -65,7 +83,8 @@ def main():
     rows = []
     for name, xs, ss in (("post_norm", (a.tokens, 2048), (2048,)),
                          ("qk_norm", (a.tokens, 16, 128), (16, 128))):
-        for r in bench_shape(name, xs, ss, a.interpret):
+        for r in bench_shape(name, xs, ss, a.interpret) + (
+                sweep(name, xs, ss, a.interpret) if a.sweep else []):
             print(json.dumps(r), flush=True)
             rows.append(r)
     if a.out:

@@ -157,3 +157,7 @@ def test_rmsnorm_bench_checks_then_times_both(capsys):
     rows = rmsnorm.bench_shape("qk_norm", (16, 4, 16), (4, 16), interpret=True)
     assert [r["impl"] for r in rows] == ["xla", "ours"] and all(r["ms"] > 0 for r in rows)
     assert max(rows[1]["max_rel_err"]) < 1e-2
+    saved = dict(rmsnorm.rmsnorm_gpu.TUNING)
+    swept = rmsnorm.sweep("qk_norm", (16, 4, 16), (4, 16), interpret=True)
+    assert len(swept) == 24 and {r["tuning"]["rows"] for r in swept} == {2, 4, 8, 16}
+    assert rmsnorm.rmsnorm_gpu.TUNING == saved
