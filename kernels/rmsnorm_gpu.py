@@ -10,7 +10,9 @@ session). The kernel reads each row of x and dy once: it recomputes rsqrt in reg
 writes dx, and keeps dscale's partial sums in registers over its program's rows; XLA adds
 the programs' partials (P x D fp32, ~4 MB). The residuals are x and scale only, which the
 "dots" remat policy already keeps (x is a GEMM's output). The forward stays XLA's, so it
-keeps fusing with the residual adds and RoPE around it.
+keeps fusing with the residual adds and RoPE around it. Under a mesh of several devices
+the backward runs per shard of rows (`row_axes`, shard_map) and psums dscale; the features
+must not be split.
 """
 
 from __future__ import annotations
@@ -42,32 +44,48 @@ def supported(x_shape, scale_shape) -> bool:
     return D >= 16 and D & (D - 1) == 0 and M % TUNING["rows"] == 0
 
 
-def rms_norm(x, scale, eps: float, dtype=None, *, interpret: bool = False):
+def rms_norm(x, scale, eps: float, dtype=None, *, row_axes=None, interpret: bool = False):
     """RMSNorm over x's trailing `scale.ndim` dims; XLA forward, one-pass Pallas backward.
-    `interpret` runs the kernel in Pallas' interpreter (CPU tests)."""
+
+    row_axes: the ambient mesh's axes that x's rows (its leading dims, flattened) are split
+    over; the backward then runs per shard under shard_map (None: one device, no mesh).
+    interpret: the kernel in Pallas' interpreter (CPU tests)."""
     if x.shape[x.ndim - scale.ndim:] != scale.shape:
         raise ValueError(f"rms_norm: scale {scale.shape} must match x's trailing dims {x.shape}")
     if not supported(x.shape, scale.shape):
         raise ValueError(f"rms_norm: x {x.shape} / scale {scale.shape}: the feature width must "
                          f"be a power of two and the rows a multiple of {TUNING['rows']}; "
                          "use model.norm_impl='xla'")
-    return _rms_norm(x, scale, float(eps), jnp.dtype(dtype or x.dtype).name, bool(interpret))
+    row_axes = (row_axes,) if isinstance(row_axes, str) else tuple(row_axes or ())
+    return _rms_norm(x, scale, float(eps), jnp.dtype(dtype or x.dtype).name, row_axes,
+                     bool(interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _rms_norm(x, scale, eps, dtype, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _rms_norm(x, scale, eps, dtype, row_axes, interpret):
     return reference(x, scale, eps, dtype)
 
 
-def _fwd(x, scale, eps, dtype, interpret):
+def _fwd(x, scale, eps, dtype, row_axes, interpret):
     return reference(x, scale, eps, dtype), (x, scale)
 
 
-def _bwd(eps, dtype, interpret, res, dy):
+def _bwd(eps, dtype, row_axes, interpret, res, dy):
     x, scale = res
     D = scale.size
-    dx, dscale = backward(x.reshape(-1, D), dy.reshape(-1, D), scale.reshape(D), eps,
-                          interpret=interpret)
+    args = (x.reshape(-1, D), dy.reshape(-1, D), scale.reshape(D))
+    if not row_axes:
+        dx, dscale = backward(*args, eps, interpret=interpret)
+    else:  # a pallas_call is opaque to the SPMD partitioner: one kernel per shard of rows
+        def local(x, dy, scale):
+            dx, dscale = backward(x, dy, scale, eps, interpret=interpret)
+            return dx, jax.lax.psum(dscale, row_axes)
+
+        rows = jax.sharding.PartitionSpec(row_axes, None)
+        dx, dscale = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                                   in_specs=(rows, rows, jax.sharding.PartitionSpec()),
+                                   out_specs=(rows, jax.sharding.PartitionSpec()),
+                                   check_vma=False)(*args)
     return dx.reshape(x.shape), dscale.reshape(scale.shape).astype(scale.dtype)
 
 

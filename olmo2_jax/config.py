@@ -55,8 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention = "auto"  # one of ATTENTION_IMPLS; auto = pallas on TPU, cudnn on GPU, xla on CPU
     # the layers' weight GEMMs: "xla", or "mgpu" = kernels/matmul_mgpu.py (Hopper, one GPU)
     m.matmul = "xla"
-    # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; one GPU);
-    # auto = pallas on one GPU, xla elsewhere (TPU, CPU, meshes of several devices)
+    # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; GPUs, per
+    # shard of rows); auto = pallas on GPUs where the mesh leaves the features whole, else xla
     m.norm_impl = "auto"
 
     c.data = d = ml_collections.ConfigDict()
@@ -262,9 +262,10 @@ def validate(c, num_devices: int | None = None) -> None:
              f"n_kv_heads={m.n_kv_heads}")
         need(m.mlp_hidden % shape["tensor"] == 0,
              f"config.mesh.tensor={shape['tensor']} must divide model.mlp_hidden={m.mlp_hidden}")
-        need(m.norm_impl != "pallas" or num_devices == 1,
-             f"config.model.norm_impl='pallas' runs on one GPU (the kernel is not partitioned "
-             f"yet), this run has {num_devices} devices; use norm_impl='xla'")
+        need(m.norm_impl != "pallas" or shape["tensor"] == 1,
+             f"config.model.norm_impl='pallas' needs config.mesh.tensor=1 (QK-norm spans the "
+             f"heads that tensor={shape['tensor']} splits); use norm_impl='auto', which keeps "
+             "those norms on XLA")
         need(m.matmul != "mgpu" or num_devices == 1,
              f"config.model.matmul='mgpu' runs on one GPU (the kernel is not partitioned "
              f"yet), this run has {num_devices} devices; use matmul='xla'")

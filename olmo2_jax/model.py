@@ -121,10 +121,17 @@ class RMSNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         n = len(self.axes)
         scale = _param(self, "scale", x.shape[-n:], self.axes, nn.initializers.ones)
-        impl = norm_impl(self.cfg.norm_impl)
-        if impl == "pallas" and rmsnorm_gpu.supported(x.shape, scale.shape):
-            _check_one_gpu("norm_impl='pallas'", "norm_impl='xla'")
-            return rmsnorm_gpu.rms_norm(x, scale, self.cfg.norm_eps, self.cfg.dtype)
+        if norm_impl(self.cfg.norm_impl) == "pallas":
+            row_axes, shards, why = _norm_rows(self.axes)
+            if why is None and rmsnorm_gpu.supported((x.size // shards,), scale.shape):
+                if current_platform() != "gpu":
+                    raise ValueError("config.model.norm_impl='pallas' needs a GPU, this step is "
+                                     f"compiled for {current_platform()!r}; use norm_impl='auto'")
+                return rmsnorm_gpu.rms_norm(x, scale, self.cfg.norm_eps, self.cfg.dtype,
+                                            row_axes=row_axes)
+            if why is not None and self.cfg.norm_impl == "pallas":
+                raise ValueError(f"config.model.norm_impl='pallas': {self.name} cannot run per "
+                                 f"shard, {why}; use norm_impl='auto' (XLA for this norm)")
         x32 = x.astype(jnp.float32)
         var = jnp.mean(jnp.square(x32), axis=tuple(range(-n, 0)), keepdims=True)
         y = x32 * jax.lax.rsqrt(var + self.cfg.norm_eps)
@@ -154,31 +161,44 @@ def attention_impl(name: str, head_dim: int = 128) -> str:
 
 
 def norm_impl(name: str) -> str:
-    """Resolves config.model.norm_impl "auto": the one-pass Pallas backward on one GPU (+1.5-2%
-    in the 1B step on the H200, docs/performance.md), XLA elsewhere: TPUs, CPUs, and meshes
-    of several devices, which the kernel does not partition yet."""
+    """Resolves config.model.norm_impl "auto": the one-pass Pallas backward on GPUs (+1.5-2%
+    in the 1B step on the H200, docs/performance.md), XLA on TPUs and CPUs. RMSNorm still
+    uses XLA for a norm whose features or sequence the mesh splits (_norm_rows)."""
     if name == "auto":
-        mesh = jax.sharding.get_abstract_mesh()
-        one_device = mesh.empty or mesh.size == 1
-        return "pallas" if current_platform() == "gpu" and one_device else "xla"
+        return "pallas" if current_platform() == "gpu" else "xla"
     return name
 
 
-def _check_one_gpu(what: str, fix: str, gpu: str = "a GPU"):
-    """GPU kernels that are not partitioned yet run on one GPU: say so before a long compile
-    fails (config.validate checks the device count; this, the platform and the mesh)."""
-    if current_platform() != "gpu":
-        raise ValueError(f"config.model.{what} needs {gpu}, this step is compiled for "
-                         f"{current_platform()!r}; use {fix}")
+def _norm_rows(axes: tuple[str, ...]):
+    """How a norm over logical `axes` of a (batch, seq, *axes) activation splits over the
+    ambient mesh: (mesh axes of the rows, their number of shards, None), or a reason the
+    per-shard kernel cannot run (features or sequence split) in place of None."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        raise ValueError(f"config.model.{what} runs on one GPU, the mesh has {mesh.size} "
-                         f"devices; use {fix}")
+    if mesh.empty or mesh.size == 1:
+        return (), 1, None
+    spec = nn.logical_to_mesh_axes(("batch", "seq", *axes))
+
+    def split(entry):  # the mesh axes of one spec entry that really split it
+        return tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ())
+                     if mesh.shape[a] > 1)
+
+    if split(spec[1]):
+        return (), 1, f"the sequence is split over mesh axes {split(spec[1])}"
+    if any(split(e) for e in spec[2:]):
+        return (), 1, f"its features are split over mesh axes {sum(map(split, spec[2:]), ())}"
+    rows = split(spec[0])
+    return rows, math.prod(mesh.shape[a] for a in rows), None
 
 
 def _check_mgpu():
-    """model.matmul='mgpu' is for one Hopper GPU."""
-    _check_one_gpu("matmul='mgpu'", "matmul='xla'", "a Hopper GPU")
+    """model.matmul='mgpu' is for one Hopper GPU: say so before a long compile fails."""
+    if current_platform() != "gpu":
+        raise ValueError("config.model.matmul='mgpu' needs a Hopper GPU, this step is "
+                         f"compiled for {current_platform()!r}; use matmul='xla'")
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        raise ValueError(f"config.model.matmul='mgpu' runs on one GPU, the mesh has "
+                         f"{mesh.size} devices; use matmul='xla'")
 
 
 def dense(spec: str, x: Array, w: Array, impl: str = "xla", contract: int = 1) -> Array:

@@ -32,7 +32,8 @@ def tiny():
     (dict(model=dict(matmul="mgpu", dtype="bfloat16")), 8,
      "config.model.matmul='mgpu' runs on one GPU"),
     (dict(model=dict(norm_impl="triton")), None, "config.model.norm_impl='triton': choose one of"),
-    (dict(model=dict(norm_impl="pallas")), 8, "config.model.norm_impl='pallas' runs on one GPU"),
+    (dict(model=dict(norm_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
+     "config.model.norm_impl='pallas' needs config.mesh.tensor=1"),
 ])
 def test_validation_errors_are_clear(change, devices, message):
     c = tiny()

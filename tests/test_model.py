@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from olmo2_jax import sharding
 from olmo2_jax.convert import to_hf_state_dict
 from olmo2_jax.model import ModelConfig, Transformer, apply_rope
 
@@ -138,8 +139,9 @@ def test_mgpu_matmul_model_matches_xla_and_compiles_each_gemm_once(monkeypatch, 
 
 def test_pallas_norm_model_matches_xla(monkeypatch):
     """model.norm_impl='pallas': on the CPU it names the fix; with the kernel in Pallas'
-    interpreter the loss and every gradient match XLA's norms, under remat "dots". "auto"
-    picks the kernel on one GPU only: XLA on the CPU and on a mesh of several devices."""
+    interpreter the loss and every gradient match XLA's norms, under remat "dots", on one
+    device and per shard of rows on a data x fsdp mesh. Where the mesh splits the heads,
+    "auto" keeps QK-norm on XLA and 'pallas' says why."""
     from kernels import rmsnorm_gpu
     from olmo2_jax import model as model_lib
 
@@ -149,7 +151,7 @@ def test_pallas_norm_model_matches_xla(monkeypatch):
     ours = dataclasses.replace(cfg, norm_impl="pallas")
     tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 64), 0, cfg.vocab_size)
     _, params = init(cfg)
-    with pytest.raises(ValueError, match="norm_impl='pallas' needs a GPU.*use norm_impl='xla'"):
+    with pytest.raises(ValueError, match="norm_impl='pallas' needs a GPU.*use norm_impl='auto'"):
         Transformer(ours).apply({"params": params}, tokens)
     np.testing.assert_array_equal(
         Transformer(dataclasses.replace(cfg, norm_impl="auto")).apply({"params": params}, tokens),
@@ -165,9 +167,21 @@ def test_pallas_norm_model_matches_xla(monkeypatch):
 
     auto = dataclasses.replace(cfg, norm_impl="auto")
     assert kernels(ours) == kernels(auto) == 9 and kernels(cfg) == 0
-    with jax.set_mesh(jax.make_mesh((8,), ("data",))):
-        assert kernels(auto) == 0
     _assert_same_loss_and_grads(ours, cfg, params, tokens)
+
+    def mesh(*shape):
+        return jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
+
+    tokens = tokens.reshape(8, 16)
+    with jax.set_mesh(mesh(2, 4, 1)), nn.logical_axis_rules(sharding.RULES):
+        assert "shard_map" in str(jax.make_jaxpr(jax.grad(lambda p: _loss(ours, p, tokens)))(
+            params))
+        _assert_same_loss_and_grads(ours, cfg, params, tokens)
+    with jax.set_mesh(mesh(1, 4, 2)), nn.logical_axis_rules(sharding.RULES):
+        assert kernels(auto) == 5  # the post-norms and the final norm; QK-norm on XLA
+        with pytest.raises(ValueError, match="q_norm cannot run per shard, its features are "
+                                             "split over mesh axes \\('tensor',\\)"):
+            kernels(ours)
 
 
 def _loss(cfg, params, tokens):
