@@ -8,6 +8,9 @@ Each variant is `name:key=value,key=value` over the config (any config key). Eve
 variant runs the real `train_step` (jit, donation, the config's mesh over all local
 devices) on fresh random tokens, warms up, then times `--steps` steps and reports the
 median. MFU uses the PaLM convention (config.flops_per_token) over the chip's bf16 peak.
+On a GPU each row also carries the SM clock and power over the timed steps
+(bench/gpu_clock.py): the H200 runs at its power cap, so a slower clock is told apart
+from a slower step.
 Prints one JSON line per variant and a table last. `--transformers=compile` first times
 transformers Olmo2 + torch.compile at the same shape (bench/transformers_step.py, in its own
 process) and adds each variant's ratio to it ("vs hf"):
@@ -32,9 +35,12 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from olmo2_jax import config as config_lib
-from olmo2_jax import metrics, optim, sharding, train
-from olmo2_jax.model import ModelConfig, Transformer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.gpu_clock import GpuClock  # noqa: E402
+from olmo2_jax import config as config_lib  # noqa: E402
+from olmo2_jax import metrics, optim, sharding, train  # noqa: E402
+from olmo2_jax.model import ModelConfig, Transformer  # noqa: E402
 
 
 def parse_value(text: str, old):
@@ -103,13 +109,14 @@ def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -
         jax.block_until_ready(m)
         _progress(t0, f"warm-up step {i + 1} done")
     times = []
-    for _ in range(steps):
-        b = batch()
-        jax.block_until_ready(b)
-        t = time.perf_counter()
-        state, m = compiled(state, b)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
+    with GpuClock(enabled=jax.default_backend() == "gpu") as clock:
+        for _ in range(steps):
+            b = batch()
+            jax.block_until_ready(b)
+            t = time.perf_counter()
+            state, m = compiled(state, b)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - t)
     loss = float(m["loss"])
     dt = statistics.median(times)
     tok_s = B * T / dt
@@ -121,7 +128,8 @@ def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -
             "mfu": round(tok_s * fpt / (peak * jax.device_count()), 4),
             "peak_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 1),
             "compile_s": round(compile_s, 1), "loss": round(loss, 4),
-            "step_s_spread": [round(min(times), 4), round(max(times), 4)]}
+            "step_s_spread": [round(min(times), 4), round(max(times), 4)],
+            **({"gpu_clock": clock.summary()} if clock.summary() else {})}
 
 
 def main():

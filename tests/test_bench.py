@@ -161,3 +161,45 @@ def test_rmsnorm_bench_checks_then_times_both(capsys):
     swept = rmsnorm.sweep("qk_norm", (16, 4, 16), (4, 16), interpret=True)
     assert len(swept) == 24 and {r["tuning"]["rows"] for r in swept} == {2, 4, 8, 16}
     assert rmsnorm.rmsnorm_gpu.TUNING == saved
+
+
+def test_gpu_clock_summarises_nvidia_smi_samples(tmp_path, monkeypatch):
+    """bench/gpu_clock reads nvidia-smi's CSV (clock, power, throttle reasons) from its
+    background process: median and p10 clock, median power, share at the software power cap;
+    it skips lines it cannot parse, and does nothing without nvidia-smi."""
+    import os
+    import stat
+
+    from bench.gpu_clock import GpuClock
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '1980, 650.5, 0x0000000000000004\\n"
+                    "1410, 700.0, 0x0000000000000004\\n[N/A], [N/A], [N/A]\\n"
+                    "1725, 600.0, 0x0000000000000000\\n1800, 610.0, 0x0000000000000000\\n'\n"
+                    "exec sleep 30\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with GpuClock() as clock:
+        import time
+        time.sleep(0.5)
+    assert clock.summary() == {"sm_mhz_median": 1762, "sm_mhz_p10": 1410,
+                               "power_w_median": 630, "power_capped": 0.5, "samples": 4}
+    with GpuClock(enabled=False) as clock:
+        pass
+    assert clock.summary() == {}
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with GpuClock() as clock:
+        pass
+    assert clock.summary() == {}
+
+
+def test_train_step_bench_times_a_config_on_the_cpu():
+    """bench/train_step's row for the tiny config: the real step compiled and timed, MFU from
+    the config's FLOPs; the clock summary only where a GPU and nvidia-smi are."""
+    from bench import train_step
+
+    r = train_step.bench("configs/tiny.py", seq=32, overrides="train.global_batch_size=8",
+                         steps=2, warmup=1)
+    assert r["batch"] == 8 and r["seq"] == 32 and r["step_s"] > 0 and r["tok_s"] > 0
+    assert r["step_s_spread"][0] <= r["step_s"] <= r["step_s_spread"][1]
+    assert 0 < r["loss"] < 20 and "gpu_clock" not in r
