@@ -197,3 +197,25 @@ def _assert_same_loss_and_grads(cfg, cfg_ref, params, tokens):
         got = np.asarray(functools.reduce(lambda t, k: t[k.key], path, g), np.float32)
         ref = np.asarray(ref, np.float32)
         assert np.max(np.abs(got - ref)) <= 0.02 * np.max(np.abs(ref)) + 1e-8, path
+
+
+def test_pallas_norm_lowers_for_cuda_per_shard_on_a_mesh(monkeypatch):
+    """On a data x fsdp mesh the default norm_impl ('auto', on a GPU) lowers each norm's
+    backward as one Triton kernel inside a manual (shard_map) computation."""
+    import re
+
+    from olmo2_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib, "current_platform", lambda: "gpu")
+    cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
+                      n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
+                      attention="xla")
+    m = Transformer(cfg)
+    params = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 64), jnp.int32)))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4, 1), sharding.MESH_AXES)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        text = jax.jit(jax.grad(lambda p, t: m.apply(p, t).astype(jnp.float32).mean())).trace(
+            params, jax.ShapeDtypeStruct((8, 64), jnp.int32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 9
+    assert "sdy.manual_computation" in text or 'mhlo.sharding = "{manual}"' in text
