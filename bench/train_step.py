@@ -129,7 +129,7 @@ def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -
             "peak_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 1),
             "compile_s": round(compile_s, 1), "loss": round(loss, 4),
             "step_s_spread": [round(min(times), 4), round(max(times), 4)],
-            **({"gpu_clock": clock.summary()} if clock.summary() else {})}
+            **({"gpu_clock": summary} if (summary := clock.summary()) else {})}
 
 
 def main():
