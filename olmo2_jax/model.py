@@ -119,8 +119,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        n = len(self.axes)
-        scale = _param(self, "scale", x.shape[-n:], self.axes, nn.initializers.ones)
+        scale = _param(self, "scale", x.shape[-len(self.axes):], self.axes,
+                       nn.initializers.ones)
         if norm_impl(self.cfg.norm_impl) == "pallas":
             row_axes, shards, why = _norm_rows(self.axes)
             if why is None and rmsnorm_gpu.supported((x.size // shards,), scale.shape):
@@ -132,10 +132,8 @@ class RMSNorm(nn.Module):
             if why is not None and self.cfg.norm_impl == "pallas":
                 raise ValueError(f"config.model.norm_impl='pallas': {self.name} cannot run per "
                                  f"shard, {why}; use norm_impl='auto' (XLA for this norm)")
-        x32 = x.astype(jnp.float32)
-        var = jnp.mean(jnp.square(x32), axis=tuple(range(-n, 0)), keepdims=True)
-        y = x32 * jax.lax.rsqrt(var + self.cfg.norm_eps)
-        return (scale.astype(jnp.float32) * y).astype(self.cfg.dtype)
+        # the same forward the kernel's custom_vjp runs, so both paths agree exactly
+        return rmsnorm_gpu.reference(x, scale, self.cfg.norm_eps, self.cfg.dtype)
 
 
 def apply_rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
