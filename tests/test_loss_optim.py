@@ -10,7 +10,8 @@ from flax import linen as nn
 
 from olmo2_jax import config as config_lib
 from olmo2_jax import optim
-from olmo2_jax.loss import cross_entropy_with_z_loss, fused_lm_head_loss, loss_sums
+from olmo2_jax.loss import (cross_entropy_with_z_loss, fused_lm_head_loss, logsumexp_one_pass,
+                             loss_sums)
 from olmo2_jax.model import ModelConfig, Transformer
 
 
@@ -151,3 +152,14 @@ def test_config_rejects_bf16_logits_without_the_fused_loss():
     c.train.loss_logits_dtype = "fp16"
     with pytest.raises(config_lib.ConfigError, match="loss_logits_dtype"):
         config_lib.validate(c, 1)
+
+
+def test_logsumexp_one_pass_matches_two_passes():
+    """The fused loss's one-pass logsumexp equals jax.nn.logsumexp: random rows, rows whose
+    max comes late or early, huge and tiny magnitudes, and rows with -inf entries."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 1000)) * 4
+    x = x.at[0, 0].set(jnp.arange(1000.0)).at[0, 1].set(-jnp.arange(1000.0))
+    x = x.at[1, 0].multiply(1e4).at[1, 1, :500].set(-jnp.inf).at[2, 0].set(1e-30)
+    np.testing.assert_allclose(logsumexp_one_pass(x), jax.nn.logsumexp(x, axis=-1), rtol=1e-6,
+                               atol=1e-5)
+    assert np.isneginf(logsumexp_one_pass(jnp.full((2, 4), -jnp.inf))).all()
