@@ -19,7 +19,7 @@ def get_config():
     c.optim.decay_steps = 2384186  # cosine horizon: 5T tokens
     c.model.scan_layers = False  # 16 layers compile fast unrolled; +4.4% on the H200
     # Sized for v5p:2x2x1 (4 chips) (launch/aot_compile.py, docs/performance.md); on one
-    # H200 use --config.train.micro_batch_size=16 (or 24; docs/performance.md).
+    # H200 use --config.train.micro_batch_size=16 (docs/performance.md).
     c.train.micro_batch_size = 32
     c.checkpoint.every_steps = 1000
     return c
