@@ -14,7 +14,9 @@ The Triton tiles of our kernel are swept first and the best are used for the tab
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import statistics
 import time
 
@@ -74,6 +76,23 @@ def time_fn(f, args, calls=10, repeats=5):
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t) / calls)
     return statistics.median(times)
+
+
+def report(rows, out=None, **header):
+    """The kernel benches' output: a header line (UTC date, device, jax version, `header`),
+    then each row of the iterable `rows` as it is produced, all written to `out` as JSON."""
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "device": jax.devices()[0].device_kind, "jax": jax.__version__, **header}
+    print(json.dumps(header), flush=True)
+    done = []
+    for r in rows:
+        print(json.dumps(r), flush=True)
+        done.append(r)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({**header, "rows": done}, f, indent=1)
+    return done
 
 
 def inputs(B, T, N, K, H, seed=0):

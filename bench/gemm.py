@@ -4,22 +4,21 @@ beside them: the measured baseline for fusing elementwise work into GEMMs of our
     python bench/gemm.py --out=/tmp/gemm.json                  # H100 / H200
     python bench/gemm.py --impls=xla --tokens=512 --quick      # anywhere (CPU: XLA only)
 
-Per shape (M = tokens of a batch-8 step, 32768 by default) it times XLA's GEMM as the step runs it (cuBLAS
-on GPUs) and, with `mgpu` in --impls, a warp-specialized Mosaic GPU Hopper GEMM (jax's
-Pallas example kernel `hopper_matmul_mgpu`, a sweep of its tile/grid settings) after
-checking it against XLA's result; with `ours` in --impls, our kernel
-(kernels/matmul_mgpu.py) in the three layouts of a dense layer's step (nn: forward,
-nt: input gradient, tn: weight gradient) against XLA's GEMM in the same layout, over a
-sweep of its TUNING, and at nt's best setting with c added in its epilogue (nt+c: the
-input-gradient sums) against XLA's GEMM + add. `swiglu` rows time XLA's unfused forward
-silu(x Wg) * (x Wu) against its two GEMMs alone: the difference is what a GEMM with the
-product in its epilogue could save per layer.
+Per shape (M = tokens of a batch-8 step, 32768 by default) it times XLA's GEMM as the step
+runs it (cuBLAS on GPUs) and, with `mgpu` in --impls, a warp-specialized Mosaic GPU Hopper
+GEMM (jax's Pallas example kernel `hopper_matmul_mgpu`, a sweep of its tile/grid settings)
+after checking it against XLA's result; with `ours` in --impls, our kernel
+(kernels/matmul_mgpu.py) in the three layouts of a dense layer's step (nn: forward, nt:
+input gradient, tn: weight gradient) against XLA's GEMM in the same layout, over a sweep of
+its TUNING, and at nt's best setting with c added in its epilogue (nt+c: the input-gradient
+sums) against XLA's GEMM + add. `swiglu` rows time XLA's unfused forward silu(x Wg) * (x Wu)
+against its two GEMMs alone: the difference is what a GEMM with the product in its epilogue
+could save per layer.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import itertools
 import json
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.attention import rel_err, time_fn  # noqa: E402
+from bench.attention import rel_err, report, time_fn  # noqa: E402
 
 D, F, V = 2048, 8192, 100352  # OLMo-2-1B
 
@@ -191,23 +190,15 @@ def main():
         ap.error(f"--impls={a.impls}: choose from xla, mgpu, ours")
     if impls & {"mgpu", "ours"} and jax.devices()[0].platform != "gpu":
         ap.error(f"--impls={a.impls}: mgpu and ours need a Hopper GPU; use --impls=xla here")
-    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": jax.devices()[0].device_kind, "jax": jax.__version__, "tokens": a.tokens}
-    print(json.dumps(header), flush=True)
-    rows = []
-    for name, (m, k, n) in shapes(a.tokens).items():
-        if name not in wanted:
-            continue
-        for r in bench_shape(name, m, k, n, impls, a.quick):
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    if "swiglu" in wanted:
-        rows.append(bench_swiglu(a.tokens))
-        print(json.dumps(rows[-1]), flush=True)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump({**header, "rows": rows}, f, indent=1)
+
+    def rows():  # produced one by one, so each prints as soon as it is measured
+        for name, (m, k, n) in shapes(a.tokens).items():
+            if name in wanted:
+                yield from bench_shape(name, m, k, n, impls, a.quick)
+        if "swiglu" in wanted:
+            yield bench_swiglu(a.tokens)
+
+    report(rows(), a.out, tokens=a.tokens)
 
 
 if __name__ == "__main__":

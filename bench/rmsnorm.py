@@ -12,9 +12,7 @@ with scale (16, 128); times are for the forward and the backward together, as in
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
 import sys
 
@@ -23,7 +21,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.attention import rel_err, time_fn  # noqa: E402
+from bench.attention import rel_err, report, time_fn  # noqa: E402
 from kernels import rmsnorm_gpu  # noqa: E402
 
 EPS = 1e-6
@@ -80,19 +78,15 @@ def main():
                     help="also time ours at each (rows, max_steps, num_warps) setting")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": jax.devices()[0].device_kind, "jax": jax.__version__, "tokens": a.tokens}
-    print(json.dumps(header), flush=True)
-    rows = []
-    for name, xs, ss in (("post_norm", (a.tokens, 2048), (2048,)),
-                         ("qk_norm", (a.tokens, 16, 128), (16, 128))):
-        for r in bench_shape(name, xs, ss, a.interpret) + (
-                sweep(name, xs, ss, a.interpret) if a.sweep else []):
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({**header, "rows": rows}, f, indent=2)
+
+    def rows():  # produced one by one, so each prints as soon as it is measured
+        for name, xs, ss in (("post_norm", (a.tokens, 2048), (2048,)),
+                             ("qk_norm", (a.tokens, 16, 128), (16, 128))):
+            yield from bench_shape(name, xs, ss, a.interpret)
+            if a.sweep:
+                yield from sweep(name, xs, ss, a.interpret)
+
+    report(rows(), a.out, tokens=a.tokens)
 
 
 if __name__ == "__main__":
