@@ -149,20 +149,25 @@ def summarize(trace_dir: str, top: int = 30, ops: dict | None = None) -> dict:
 def _by_source(by_op, count, hlo_of, ops, total, top):
     """Kernel time summed by JAX source op and shape, with the layer index folded
     (`layers_7` -> `layers_*`): one row per kind of work in the step, e.g. all the MLP
-    up-projection GEMMs of the forward, with their TFLOP/s."""
-    us, n, flops = collections.Counter(), collections.Counter(), collections.Counter()
+    up-projection GEMMs of the forward, with their TFLOP/s. An HLO op that launches several
+    kernels (a GEMM and its small helper) counts its FLOPs once per execution."""
+    us, n = collections.Counter(), collections.Counter()
+    runs, hlos = collections.Counter(), collections.defaultdict(set)
     for key, t in by_op.items():
         op = ops.get(hlo_of[key])
         src = re.sub(r"layers_\d+", "layers_*", op["op_name"] or hlo_of[key]) if op else key
         k = (src, op["shape"] if op else "")
         us[k] += t
         n[k] += count[key]
-        flops[k] += (op["flops"] if op else 0.0) * count[key]
+        runs[hlo_of[key]] = max(runs[hlo_of[key]], count[key])
+        if op and op["flops"]:
+            hlos[k].add(hlo_of[key])
     rows = []
     for (src, shape), t in us.most_common(top):
         r = {"source": src, "shape": shape, "us": t, "pct": 100 * t / total, "count": n[src, shape]}
-        if flops[src, shape]:
-            r["tflops"] = round(flops[src, shape] / t / 1e6, 1)
+        flops = sum(ops[h]["flops"] * runs[h] for h in hlos[src, shape])
+        if flops:
+            r["tflops"] = round(flops / t / 1e6, 1)
         rows.append(r)
     return rows
 

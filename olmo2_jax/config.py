@@ -84,6 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
     # either way). "bfloat16" halves the loss's memory traffic and rounds the logits as
     # torch autocast does (the official and transformers steps); "float32" is exact.
     t.loss_logits_dtype = "float32"
+    # Fused loss only: what runs its logsumexp and softmax-gradient passes over each chunk of
+    # logits: "xla", "pallas" (kernels/xent_gpu.py: GPUs, the vocabulary unsplit), or "auto"
+    # (Pallas where it can run on GPUs, XLA elsewhere).
+    t.loss_impl = "auto"
     t.seed = 0
     t.log_every = 10
     t.peak_flops_per_device = 0.0  # 0 = from the device kind (None on CPU)
@@ -226,6 +230,11 @@ def validate(c, num_devices: int | None = None) -> None:
          f"{c.data.seq_len}")
     need(t.loss_logits_dtype in ("float32", "bfloat16"),
          f"config.train.loss_logits_dtype={t.loss_logits_dtype!r}: choose 'float32' or 'bfloat16'")
+    need(t.loss_impl in ("auto", "xla", "pallas"),
+         f"config.train.loss_impl={t.loss_impl!r}: choose 'auto', 'xla' or 'pallas'")
+    need(t.loss_impl != "pallas" or t.loss_chunks > 0,
+         f"config.train.loss_impl={t.loss_impl!r} needs the fused loss: set "
+         "config.train.loss_chunks > 0 (e.g. 8) or loss_impl='xla'")
     need(t.loss_logits_dtype == "float32" or t.loss_chunks > 0,
          f"config.train.loss_logits_dtype={t.loss_logits_dtype!r} needs the fused loss: set "
          "config.train.loss_chunks > 0 (e.g. 8) or loss_logits_dtype='float32'")

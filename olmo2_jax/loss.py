@@ -12,6 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import xent_gpu
+from kernels.attention import current_platform
+from olmo2_jax.model import split_rows
+
+IMPLS = ("auto", "xla", "pallas")
+
 
 def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array):
     """Returns (sum of CE, sum of logsumexp^2, count) over tokens where mask is nonzero.
@@ -54,7 +60,7 @@ def logsumexp_one_pass(x: jax.Array) -> jax.Array:
 
 def fused_lm_head_loss(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
                        mask_BT: jax.Array, z_loss_weight: float, n_chunks: int,
-                       logits_dtype=jnp.float32):
+                       logits_dtype=jnp.float32, impl: str = "auto"):
     """LM head + CE + z-loss without materialising the [B, T, V] logits.
 
     `hidden_BTD` is in the compute dtype, `w_DV` the (fp32) LM head weight.
@@ -65,14 +71,44 @@ def fused_lm_head_loss(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.A
     step runs the three LM-head matmuls once each, all in the compute dtype, with the
     logits alive for one chunk only. `logits_dtype` is what the matmul writes (bf16 halves
     the traffic of the passes over the logits); the softmax math is fp32 either way.
+    `impl` runs those passes (the logsumexp and the softmax gradient): "xla", "pallas"
+    (kernels/xent_gpu.py, GPUs; per shard of rows under a mesh) or "auto" (see `resolve`).
     """
+    B, T, _ = hidden_BTD.shape
+    impl = resolve(impl, (B * (T // n_chunks), w_DV.shape[1]))
     loss, ce, z = _fused(hidden_BTD, w_DV, targets_BT.astype(jnp.int32),
                          mask_BT.astype(jnp.float32), float(z_loss_weight), int(n_chunks),
-                         jnp.dtype(logits_dtype).name)
+                         jnp.dtype(logits_dtype).name, impl)
     return loss, ce, z, jnp.sum(mask_BT.astype(jnp.float32))
 
 
-def _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, with_grads):
+def resolve(impl: str, chunk_shape) -> str | tuple[str, ...]:
+    """config.train.loss_impl for one chunk of logits (rows, vocab): "xla", or the mesh axes
+    its rows are split over (a tuple, () on one device) when the Pallas passes run. "auto"
+    picks them on GPUs (+0.7% in the 1B step on the H200, docs/performance.md) wherever they
+    can run: the vocabulary unsplit and the chunk tiled exactly (kernels/xent_gpu.py)."""
+    if impl not in IMPLS:
+        raise ValueError(f"config.train.loss_impl={impl!r}: choose one of {IMPLS}")
+    if impl == "xla":
+        return "xla"
+    row_axes, shards, why = split_rows(("vocab",))
+    rows, vocab = chunk_shape[0] // shards, chunk_shape[1]
+    if why is None and not xent_gpu.supported((rows, vocab)):
+        why = (f"its chunks of {rows} rows x {vocab} vocabulary entries per device do not tile "
+               f"into {xent_gpu.TUNING}")
+    platform = current_platform()
+    if impl == "auto":
+        return row_axes if why is None and platform == "gpu" else "xla"
+    if platform != "gpu":
+        raise ValueError("config.train.loss_impl='pallas' needs a GPU, this step is compiled for "
+                         f"{platform!r}; use loss_impl='auto'")
+    if why is not None:
+        raise ValueError(f"config.train.loss_impl='pallas': the loss cannot run its kernels, "
+                         f"{why}; use loss_impl='auto' (XLA for the loss)")
+    return row_axes
+
+
+def _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, impl, with_grads):
     B, T, D = h.shape
     V = w.shape[1]
     wc = w.astype(h.dtype)  # matmuls in the compute dtype; dw accumulates in fp32
@@ -84,17 +120,26 @@ def _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, with_grads):
         h_c, t_c, m_c = xs
         logits = jnp.einsum("BTD,DV->BTV", h_c, wc,
                             preferred_element_type=jnp.dtype(logits_dtype))
-        logits = logits.astype(jnp.float32)  # fused into the passes that read it
-        lse = logsumexp_one_pass(logits)
-        tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0]
+        rows = logits.reshape(-1, V)
+        if impl != "xla":  # the Pallas passes, per shard of rows over the mesh axes `impl`
+            lse = xent_gpu.logsumexp(rows, row_axes=impl).reshape(t_c.shape)
+        else:
+            logits = logits.astype(jnp.float32)  # fused into the passes that read it
+            lse = logsumexp_one_pass(logits)
+        tgt = jnp.take_along_axis(logits, t_c[..., None], axis=-1)[..., 0].astype(jnp.float32)
         ce, z = jnp.sum((lse - tgt) * m_c), jnp.sum(jnp.square(lse) * m_c)
         if not with_grads:
             return dw, (ce, z)
         # d(ce + zw * z)/d logits = softmax * (1 + 2 zw lse) - onehot(target), masked.
-        p = jnp.exp(logits - lse[..., None])
-        g = p * ((1.0 + 2.0 * zw * lse) * m_c)[..., None]
-        g = g - jax.nn.one_hot(t_c, V, dtype=jnp.float32) * m_c[..., None]
-        g = g.astype(h.dtype)
+        coef = (1.0 + 2.0 * zw * lse) * m_c
+        if impl != "xla":
+            g = xent_gpu.softmax_grad(rows, lse.reshape(-1), coef.reshape(-1), t_c.reshape(-1),
+                                      m_c.reshape(-1), h.dtype, row_axes=impl)
+            g = g.reshape(logits.shape)
+        else:
+            g = jnp.exp(logits - lse[..., None]) * coef[..., None]
+            g = g - jax.nn.one_hot(t_c, V, dtype=jnp.float32) * m_c[..., None]
+            g = g.astype(h.dtype)
         dh_c = jnp.einsum("BTV,DV->BTD", g, wc)
         dw = dw + jnp.einsum("BTD,BTV->DV", h_c, g, preferred_element_type=jnp.float32)
         return dw, (ce, z, dh_c)
@@ -108,19 +153,20 @@ def _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, with_grads):
     return ce, z, dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(h, w, targets, mask, zw, n_chunks, logits_dtype):
-    ce, z = _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, with_grads=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(h, w, targets, mask, zw, n_chunks, logits_dtype, impl):
+    ce, z = _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, impl,
+                        with_grads=False)
     return ce + zw * z, ce, z
 
 
-def _fused_fwd(h, w, targets, mask, zw, n_chunks, logits_dtype):
-    ce, z, dh, dw = _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype,
+def _fused_fwd(h, w, targets, mask, zw, n_chunks, logits_dtype, impl):
+    ce, z, dh, dw = _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, impl,
                                 with_grads=True)
     return (ce + zw * z, ce, z), (dh, dw.astype(w.dtype), targets, mask)  # w is fp32: exact
 
 
-def _fused_bwd(zw, n_chunks, logits_dtype, res, cts):
+def _fused_bwd(zw, n_chunks, logits_dtype, impl, res, cts):
     dh, dw, targets, mask = res
     ct = cts[0]
     return ((ct * dh).astype(dh.dtype), (ct * dw).astype(dw.dtype),

@@ -122,7 +122,7 @@ class RMSNorm(nn.Module):
         scale = _param(self, "scale", x.shape[-len(self.axes):], self.axes,
                        nn.initializers.ones)
         if norm_impl(self.cfg.norm_impl) == "pallas":
-            row_axes, shards, why = _norm_rows(self.axes)
+            row_axes, shards, why = split_rows(self.axes)
             if why is None and rmsnorm_gpu.supported((x.size // shards,), scale.shape):
                 if current_platform() != "gpu":
                     raise ValueError("config.model.norm_impl='pallas' needs a GPU, this step is "
@@ -167,10 +167,11 @@ def norm_impl(name: str) -> str:
     return name
 
 
-def _norm_rows(axes: tuple[str, ...]):
-    """How a norm over logical `axes` of a (batch, seq, *axes) activation splits over the
-    ambient mesh: (mesh axes of the rows, their number of shards, None), or a reason the
-    per-shard kernel cannot run (features or sequence split) in place of None."""
+def split_rows(axes: tuple[str, ...]):
+    """How a row-wise kernel over logical `axes` of a (batch, seq, *axes) activation (a norm,
+    the loss's softmax) splits over the ambient mesh: (mesh axes of the rows, their number
+    of shards, None), or a reason the per-shard kernel cannot run (features or sequence
+    split) in place of None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return (), 1, None

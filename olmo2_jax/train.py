@@ -73,12 +73,12 @@ def loss_options(t) -> dict:
     """make_train_step's loss arguments from `config.train`, for every caller that builds the
     step from a config (training, benches, AOT compile): a new loss setting is added here."""
     return dict(z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks,
-                loss_logits_dtype=t.loss_logits_dtype)
+                loss_logits_dtype=t.loss_logits_dtype, loss_impl=t.loss_impl)
 
 
 def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_loss_weight: float,
-                    loss_chunks: int = 0, loss_logits_dtype: str = "float32", mesh=None,
-                    skip_sigma: float = 0.0):
+                    loss_chunks: int = 0, loss_logits_dtype: str = "float32",
+                    loss_impl: str = "auto", mesh=None, skip_sigma: float = 0.0):
     """Returns the pure train_step. With accum_steps > 1 the batch is split into that many
     micro-batches, scanned with summed gradients, and normalised by the total count of
     loss tokens, so the update equals that of the whole batch at once. loss_chunks > 0
@@ -91,7 +91,7 @@ def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_los
             hidden = model.apply({"params": params}, *args, method=Transformer.hidden)
             loss, ce, z, n = fused_lm_head_loss(hidden, params["lm_head"], batch["targets"],
                                                 batch["loss_mask"], z_loss_weight, loss_chunks,
-                                                loss_logits_dtype)
+                                                loss_logits_dtype, loss_impl)
             return loss, (ce, z, n)
         ce, z, n = loss_sums(model.apply({"params": params}, *args), batch["targets"],
                              batch["loss_mask"])

@@ -71,12 +71,13 @@ def test_kernel_profile_folds_layers_into_one_row_per_source():
            for i in range(2)}
     ops["fusion.1"] = {"shape": "bf16[4096,8192]", "flops": 0.0, "op_name": "layers_0/mlp/mul"}
     keys = {f"{k} [kernel]": k for k in ops}
-    us = collections.Counter({"custom-call.0 [kernel]": 1500.0, "custom-call.1 [kernel]": 1700.0,
-                              "fusion.1 [kernel]": 100.0})
+    keys["custom-call.1 [splitk_reduce]"] = "custom-call.1"  # a second kernel of one GEMM
+    us = collections.Counter({"custom-call.0 [kernel]": 1500.0, "custom-call.1 [kernel]": 1650.0,
+                              "custom-call.1 [splitk_reduce]": 50.0, "fusion.1 [kernel]": 100.0})
     rows = _by_source(us, collections.Counter(dict.fromkeys(us, 1)), keys, ops, 3300.0, 10)
     assert rows[0]["source"] == "jit(train_step)/layers_*/mlp/dot_general"
-    assert rows[0]["count"] == 2 and rows[0]["us"] == 3200.0
-    assert rows[0]["tflops"] == 625.0  # 2e12 FLOPs in 3.2 ms
+    assert rows[0]["count"] == 3 and rows[0]["us"] == 3200.0
+    assert rows[0]["tflops"] == 625.0  # 2e12 FLOPs in 3.2 ms, the helper kernel's not twice
     assert "tflops" not in rows[1]
 
 
@@ -203,3 +204,22 @@ def test_train_step_bench_times_a_config_on_the_cpu():
     assert r["batch"] == 8 and r["seq"] == 32 and r["step_s"] > 0 and r["tok_s"] > 0
     assert r["step_s_spread"][0] <= r["step_s"] <= r["step_s_spread"][1]
     assert 0 < r["loss"] < 20 and "gpu_clock" not in r
+
+
+def test_xent_bench_checks_then_times_each_pass(monkeypatch):
+    """bench/xent on the CPU through Pallas' interpreter: XLA's and our rows for each pass,
+    ours checked against XLA first; the sweep restores the tuning it changed."""
+    from bench import xent
+
+    monkeypatch.setitem(xent.xent_gpu.TUNING, "lse", {"rows": 4, "cols": 1024, "num_warps": 4})
+    rows = xent.bench(16, 2048, interpret=True)
+    assert [(r["pass"], r["impl"]) for r in rows] == [
+        (p, i) for i in ("xla", "ours") for p in ("lse", "grad", "both")]
+    assert all(r["ms"] > 0 and r["gb_s"] > 0 for r in rows)
+    assert max(r["rel_err"] for r in rows if r["impl"] == "ours") < 1e-2
+    saved = {k: dict(v) for k, v in xent.xent_gpu.TUNING.items()}
+    monkeypatch.setattr(xent.itertools, "product", lambda *a: [(2, 1024, 4), (4, 4096, 8)])
+    swept = xent.sweep(16, 2048, interpret=True)
+    assert [(r["pass"], r["tuning"]) for r in swept] == [("lse", [2, 1024, 4]),
+                                                         ("grad", [2, 1024, 4])]
+    assert xent.xent_gpu.TUNING == saved

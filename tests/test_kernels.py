@@ -413,3 +413,44 @@ def test_rmsnorm_kernel_refuses_what_it_cannot_run_and_lowers_for_cuda():
                       jax.ShapeDtypeStruct((2048,), jnp.float32)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "rmsnorm_bwd" in text
+
+
+def test_xent_passes_match_reference_over_several_tiles(monkeypatch):
+    """kernels/xent_gpu (Pallas interpreter), with tiles small enough that each program walks
+    several rows and vocabulary tiles: the logsumexp equals jax.nn.logsumexp (maxima early,
+    late and huge, rows with -inf entries, a row of only -inf) and the softmax gradient its
+    reference, the target's -mask included; both lower to one Triton call each for CUDA."""
+    from kernels import xent_gpu
+
+    monkeypatch.setitem(xent_gpu.TUNING, "lse", {"rows": 4, "cols": 128, "num_warps": 4})
+    monkeypatch.setitem(xent_gpu.TUNING, "grad", {"rows": 2, "cols": 256, "num_warps": 4})
+    R, V = 16, 512
+    k = jax.random.split(jax.random.key(3), 4)
+    x = 4 * jax.random.normal(k[0], (R, V), jnp.float32)
+    x = x.at[0].set(jnp.arange(V, dtype=jnp.float32)).at[1].set(-jnp.arange(V, dtype=jnp.float32))
+    x = x.at[2].multiply(1e4).at[3, :300].set(-jnp.inf).at[4].set(-jnp.inf)
+    lse = xent_gpu.logsumexp(x, interpret=True)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(x, axis=-1), rtol=1e-6, atol=1e-5)
+    assert np.isneginf(lse[4])
+
+    xb = x.at[4].set(0.0).astype(jnp.bfloat16)
+    lse = xent_gpu.reference_logsumexp(xb)
+    targets = jax.random.randint(k[1], (R,), 0, V).at[0].set(V - 1)
+    mask = (jax.random.uniform(k[2], (R,)) > 0.3).astype(jnp.float32).at[0].set(1.0)
+    coef = (1 + 0.1 * jax.random.uniform(k[3], (R,))) * mask
+    g = xent_gpu.softmax_grad(xb, lse, coef, targets, mask, jnp.bfloat16, interpret=True)
+    ref = xent_gpu.reference_softmax_grad(xb, lse, coef, targets, mask, jnp.bfloat16)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(ref, np.float32))
+    # each row sums to coef - mask: the softmax sums to 1 and the target takes mask off
+    np.testing.assert_allclose(np.sum(np.asarray(g, np.float32), axis=1), coef - mask, atol=2e-2)
+
+    assert not xent_gpu.supported((R, 500)) and not xent_gpu.supported((R + 1, V))
+    both = jax.jit(lambda x, t, m: xent_gpu.softmax_grad(x, xent_gpu.logsumexp(x), m, t, m,
+                                                         jnp.bfloat16))
+    text = both.trace(jax.ShapeDtypeStruct((8192, 100352), jnp.bfloat16),
+                      jax.ShapeDtypeStruct((8192,), jnp.int32),
+                      jax.ShapeDtypeStruct((8192,), jnp.float32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 2
+    assert "xent_logsumexp" in text and "xent_softmax_grad" in text

@@ -152,6 +152,13 @@ def test_config_rejects_bf16_logits_without_the_fused_loss():
     c.train.loss_logits_dtype = "fp16"
     with pytest.raises(config_lib.ConfigError, match="loss_logits_dtype"):
         config_lib.validate(c, 1)
+    c.train.loss_logits_dtype = "float32"
+    c.train.loss_impl = "pallas"
+    with pytest.raises(config_lib.ConfigError, match="loss_impl='pallas' needs the fused loss"):
+        config_lib.validate(c, 1)
+    c.train.loss_impl = "triton"
+    with pytest.raises(config_lib.ConfigError, match="choose 'auto', 'xla' or 'pallas'"):
+        config_lib.validate(c, 1)
 
 
 def test_logsumexp_one_pass_matches_two_passes():
@@ -163,3 +170,74 @@ def test_logsumexp_one_pass_matches_two_passes():
     np.testing.assert_allclose(logsumexp_one_pass(x), jax.nn.logsumexp(x, axis=-1), rtol=1e-6,
                                atol=1e-5)
     assert np.isneginf(logsumexp_one_pass(jnp.full((2, 4), -jnp.inf))).all()
+
+
+def test_fused_loss_pallas_passes_match_xla(monkeypatch):
+    """train.loss_impl: on the CPU 'pallas' names the fix and 'auto' is XLA. With the passes of
+    kernels/xent_gpu in Pallas' interpreter, the loss and both gradients match XLA's, for fp32
+    and bf16 logits, on one device and per shard of rows on a data x fsdp mesh. Where the mesh
+    splits the vocabulary, or a chunk does not tile, 'auto' keeps XLA and 'pallas' says why."""
+    import functools
+
+    from kernels import xent_gpu
+    from olmo2_jax import loss as loss_lib
+    from olmo2_jax import sharding
+
+    B, T, D, V = 8, 32, 32, 256
+    k = jax.random.split(jax.random.PRNGKey(2), 4)
+    h = jax.random.normal(k[0], (B, T, D)).astype(jnp.bfloat16)
+    w = jax.random.normal(k[1], (D, V)) * 0.5
+    targets = jax.random.randint(k[2], (B, T), 0, V)
+    mask = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
+
+    def loss(impl, dtype="bfloat16", vocab=V):
+        def f(h, w):
+            return fused_lm_head_loss(h, w, targets % vocab, mask, 1e-2, 2, dtype, impl)[0]
+        return f, (h, w[:, :vocab])
+
+    def run(impl, dtype="bfloat16", vocab=V):
+        f, args = loss(impl, dtype, vocab)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*args)
+
+    def kernels(impl, vocab=V):
+        f, args = loss(impl, vocab=vocab)
+        return str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args)).count("pallas_call")
+
+    def same(impl, dtype):
+        (l, (dh, dw)), (l_ref, (dh_ref, dw_ref)) = run(impl, dtype), run("xla", dtype)
+        assert float(l) == pytest.approx(float(l_ref), rel=1e-6)
+        for got, ref in ((dh, dh_ref), (dw, dw_ref)):
+            got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+            np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.max(np.abs(ref)))
+
+    with pytest.raises(ValueError, match="loss_impl='pallas' needs a GPU.*use loss_impl='auto'"):
+        run("pallas")
+    assert kernels("auto") == 0
+    with pytest.raises(ValueError, match="loss_impl='fast'"):
+        run("fast")
+
+    monkeypatch.setattr(loss_lib, "current_platform", lambda: "gpu")
+    for name in ("logsumexp", "softmax_grad"):
+        monkeypatch.setattr(xent_gpu, name, functools.partial(getattr(xent_gpu, name),
+                                                              interpret=True))
+    monkeypatch.setitem(xent_gpu.TUNING, "lse", {"rows": 4, "cols": 128, "num_warps": 4})
+    monkeypatch.setitem(xent_gpu.TUNING, "grad", {"rows": 8, "cols": 64, "num_warps": 4})
+    assert kernels("auto") == kernels("pallas") == 2  # the two passes, in the scan's body
+    for dtype in ("float32", "bfloat16"):
+        same("pallas", dtype)
+    assert kernels("auto", vocab=200) == 0  # 200 does not tile into 128 columns
+    with pytest.raises(ValueError, match="128 rows x 200 vocabulary entries.*do not tile"):
+        run("pallas", vocab=200)
+
+    def mesh(*shape):
+        return jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
+
+    with jax.set_mesh(mesh(2, 4, 1)), nn.logical_axis_rules(sharding.RULES):
+        f, args = loss("pallas")
+        assert "shard_map" in str(jax.make_jaxpr(jax.grad(f))(*args))
+        same("pallas", "bfloat16")
+    with jax.set_mesh(mesh(1, 4, 2)), nn.logical_axis_rules(sharding.RULES):
+        assert kernels("auto") == 0
+        with pytest.raises(ValueError, match="cannot run its kernels, its features are split "
+                                             "over mesh axes \\('tensor',\\)"):
+            run("pallas")
