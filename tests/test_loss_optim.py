@@ -143,21 +143,16 @@ def test_fused_loss_with_bf16_logits_rounds_the_logits_only():
                                rtol=3e-2, atol=3e-2)
 
 
-def test_config_rejects_bf16_logits_without_the_fused_loss():
+@pytest.mark.parametrize("settings,match", [
+    ({"loss_chunks": 0, "loss_logits_dtype": "bfloat16"}, "loss_chunks"),
+    ({"loss_logits_dtype": "fp16"}, "loss_logits_dtype"),
+    ({"loss_chunks": 0, "loss_impl": "pallas"}, "loss_impl='pallas' needs the fused loss"),
+    ({"loss_impl": "triton"}, "choose 'auto', 'xla' or 'pallas'"),
+])
+def test_config_rejects_loss_settings_the_loss_cannot_run(settings, match):
     c = config_lib.base_config()
-    c.train.loss_chunks = 0
-    c.train.loss_logits_dtype = "bfloat16"
-    with pytest.raises(config_lib.ConfigError, match="loss_chunks"):
-        config_lib.validate(c, 1)
-    c.train.loss_logits_dtype = "fp16"
-    with pytest.raises(config_lib.ConfigError, match="loss_logits_dtype"):
-        config_lib.validate(c, 1)
-    c.train.loss_logits_dtype = "float32"
-    c.train.loss_impl = "pallas"
-    with pytest.raises(config_lib.ConfigError, match="loss_impl='pallas' needs the fused loss"):
-        config_lib.validate(c, 1)
-    c.train.loss_impl = "triton"
-    with pytest.raises(config_lib.ConfigError, match="choose 'auto', 'xla' or 'pallas'"):
+    c.train.update(settings)
+    with pytest.raises(config_lib.ConfigError, match=match):
         config_lib.validate(c, 1)
 
 
