@@ -57,8 +57,8 @@ def _passes(impl, interpret):
 
 def bench(rows, vocab, interpret=False, impls=("xla", "ours")):
     x, targets, mask = _inputs(rows, vocab)
-    ref = {k: f for k, f in zip(("lse", "grad", "both"), _passes("xla", interpret))}
-    ours = {k: f for k, f in zip(("lse", "grad", "both"), _passes("ours", interpret))}
+    ref, ours = (dict(zip(("lse", "grad", "both"), _passes(impl, interpret)))
+                 for impl in ("xla", "ours"))
     lse = ref["lse"](x)
     coef = (1 + 2 * ZW * lse) * mask
     args = {"lse": (x,), "grad": (x, lse, coef, targets, mask), "both": (x, targets, mask)}

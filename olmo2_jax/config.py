@@ -22,6 +22,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MATMUL_IMPLS = ("xla", "mgpu")
 NORM_IMPLS = ("auto", "xla", "pallas")
+LOSS_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -230,7 +231,7 @@ def validate(c, num_devices: int | None = None) -> None:
          f"{c.data.seq_len}")
     need(t.loss_logits_dtype in ("float32", "bfloat16"),
          f"config.train.loss_logits_dtype={t.loss_logits_dtype!r}: choose 'float32' or 'bfloat16'")
-    need(t.loss_impl in ("auto", "xla", "pallas"),
+    need(t.loss_impl in LOSS_IMPLS,
          f"config.train.loss_impl={t.loss_impl!r}: choose 'auto', 'xla' or 'pallas'")
     need(t.loss_impl != "pallas" or t.loss_chunks > 0,
          f"config.train.loss_impl={t.loss_impl!r} needs the fused loss: set "

@@ -14,9 +14,8 @@ import numpy as np
 
 from kernels import xent_gpu
 from kernels.attention import current_platform
+from olmo2_jax.config import LOSS_IMPLS as IMPLS
 from olmo2_jax.model import split_rows
-
-IMPLS = ("auto", "xla", "pallas")
 
 
 def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array):
