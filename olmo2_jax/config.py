@@ -22,6 +22,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MATMUL_IMPLS = ("xla", "mgpu")
 NORM_IMPLS = ("auto", "xla", "pallas")
+WEIGHT_GRAD_DTYPES = ("auto", "float32", "bfloat16")
 LOSS_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -59,6 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
     # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; GPUs, per
     # shard of rows); auto = pallas on GPUs where the mesh leaves the features whole, else xla
     m.norm_impl = "auto"
+    # dtype the weight-gradient GEMMs write: "float32" (a custom VJP asks the GEMM for fp32,
+    # so accumulation over micro-batches and the data-parallel reduction sum unrounded
+    # products) or "bfloat16" (plain autodiff: dW rounded to the compute dtype, then cast);
+    # auto = float32
+    m.weight_grad_dtype = "auto"
 
     c.data = d = ml_collections.ConfigDict()
     d.paths = ""  # comma-separated raw uint32 token files (globs ok); "" = embedded corpus
@@ -200,6 +206,9 @@ def validate(c, num_devices: int | None = None) -> None:
     need(m.matmul != "mgpu" or m.dtype in ("bfloat16", "float16"),
          f"config.model.matmul='mgpu' multiplies bfloat16 or float16, not dtype={m.dtype!r}; "
          "use matmul='xla'")
+    need(m.weight_grad_dtype in WEIGHT_GRAD_DTYPES,
+         f"config.model.weight_grad_dtype={m.weight_grad_dtype!r}: choose one of "
+         f"{WEIGHT_GRAD_DTYPES}")
     need(m.norm_impl in NORM_IMPLS,
          f"config.model.norm_impl={m.norm_impl!r}: choose one of {NORM_IMPLS}")
     for key in ("dtype", "param_dtype"):

@@ -21,6 +21,7 @@ copies the cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -88,6 +89,7 @@ class ModelConfig:
     attention: str = "auto"
     matmul: str = "xla"
     norm_impl: str = "auto"
+    weight_grad_dtype: str = "auto"
 
     @classmethod
     def from_config(cls, m) -> "ModelConfig":
@@ -98,7 +100,8 @@ class ModelConfig:
             head_dim=config_lib.head_dim(m), mlp_hidden=m.mlp_hidden, rope_theta=m.rope_theta,
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
             param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers, remat=m.remat,
-            attention=m.attention, matmul=m.matmul, norm_impl=m.norm_impl)
+            attention=m.attention, matmul=m.matmul, norm_impl=m.norm_impl,
+            weight_grad_dtype=m.weight_grad_dtype)
 
 
 def _init(cfg: ModelConfig):
@@ -200,31 +203,67 @@ def _check_mgpu():
                          f"{mesh.size} devices; use matmul='xla'")
 
 
-def dense(spec: str, x: Array, w: Array, impl: str = "xla", contract: int = 1) -> Array:
-    """A layer's weight GEMM: `jnp.einsum(spec, x, w)` contracting x's last `contract` dims
-    with w's first ones. impl "mgpu" runs the forward and both backward GEMMs on
-    kernels/matmul_mgpu.py (Hopper; 3-5% slower than XLA's cuBLAS in the 1B step, a base for
-    epilogue fusions: docs/performance.md) where the shapes are its tile multiples, else XLA."""
+def dense(spec: str, x: Array, w: Array, cfg: ModelConfig, contract: int = 1) -> Array:
+    """A layer's weight GEMM: `jnp.einsum(spec, x, w)` in `cfg.dtype`, contracting x's last
+    `contract` dims with w's first ones; w is the fp32 master weight.
+
+    cfg.weight_grad_dtype "float32": the weight gradient's GEMM writes fp32 (`_dense_f32_dw`)
+    where autodiff writes the compute dtype and then casts, so a gradient-accumulation sum
+    adds unrounded products. cfg.matmul "mgpu" runs the forward and both backward GEMMs on
+    kernels/matmul_mgpu.py (Hopper; 3-5% slower than XLA's cuBLAS in the 1B step, a base
+    for epilogue fusions: docs/performance.md) where the shapes are its tile multiples."""
     batch, out = x.shape[:-contract], w.shape[contract:]
     shape2 = (math.prod(x.shape[-contract:]), math.prod(out))
-    if impl == "mgpu" and matmul_mgpu.dense_supported((*batch, shape2[0]), shape2):
+    wc = w.astype(cfg.dtype)
+    if cfg.matmul == "mgpu" and matmul_mgpu.dense_supported((*batch, shape2[0]), shape2):
         _check_mgpu()
-        y = matmul_mgpu.dense(x.reshape(*batch, shape2[0]), w.reshape(shape2))
+        y = matmul_mgpu.dense(x.reshape(*batch, shape2[0]), wc.reshape(shape2))
         return y.reshape(*batch, *out)
-    return jnp.einsum(spec, x, w)
+    if weight_grad_dtype(cfg) == "float32" and x.dtype != jnp.float32:
+        return _dense_f32_dw(spec, x, w)  # remat "dots" still saves its forward dot
+    return jnp.einsum(spec, x, wc)
 
 
-def dense_group(specs: tuple[str, ...], x: Array, ws: tuple[Array, ...], impl: str = "xla"):
-    """`dense` for several weights applied to one x (q/k/v, gate/up). impl "mgpu" runs them
-    as kernels/matmul_mgpu.dense_multi, which sums their input gradients inside the GEMMs
-    (XLA does this for its own dots through cuBLAS's beta = 1)."""
+def weight_grad_dtype(cfg: ModelConfig) -> str:
+    """Resolves cfg.weight_grad_dtype "auto": see config.py."""
+    return cfg.weight_grad_dtype if cfg.weight_grad_dtype != "auto" else "float32"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense_f32_dw(spec, x, w):
+    return jnp.einsum(spec, x, w.astype(x.dtype))
+
+
+def _dense_f32_dw_fwd(spec, x, w):
+    wc = w.astype(x.dtype)
+    return jnp.einsum(spec, x, wc), (x, wc)
+
+
+def _dense_f32_dw_bwd(spec, res, dy):
+    x, wc = res
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    dy = dy.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", dy, wc)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, dy, preferred_element_type=jnp.float32)
+    return dx, dw
+
+
+_dense_f32_dw.defvjp(_dense_f32_dw_fwd, _dense_f32_dw_bwd)
+
+
+def dense_group(specs: tuple[str, ...], x: Array, ws: tuple[Array, ...], cfg: ModelConfig):
+    """`dense` for several weights applied to one x (q/k/v, gate/up). cfg.matmul "mgpu" runs
+    them as kernels/matmul_mgpu.dense_multi, which sums their input gradients inside the
+    GEMMs (XLA does this for its own dots through cuBLAS's beta = 1)."""
     batch, K = x.shape[:-1], x.shape[-1]
     flat = [(K, math.prod(w.shape[1:])) for w in ws]
-    if impl == "mgpu" and all(matmul_mgpu.dense_supported(x.shape, f) for f in flat):
+    if cfg.matmul == "mgpu" and all(matmul_mgpu.dense_supported(x.shape, f) for f in flat):
         _check_mgpu()
-        ys = matmul_mgpu.dense_multi(x, *(w.reshape(f) for w, f in zip(ws, flat)))
+        ys = matmul_mgpu.dense_multi(x, *(w.astype(cfg.dtype).reshape(f)
+                                          for w, f in zip(ws, flat)))
         return tuple(y.reshape(*batch, *w.shape[1:]) for y, w in zip(ys, ws))
-    return tuple(dense(spec, x, w, impl) for spec, w in zip(specs, ws))
+    return tuple(dense(spec, x, w, cfg) for spec, w in zip(specs, ws))
 
 
 def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
@@ -334,7 +373,7 @@ class Attention(nn.Module):
         wo = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"), _init(cfg))
         x = x_BTD.astype(dt)
         q, k, v = dense_group(("BTD,DNH->BTNH", "BSD,DKH->BSKH", "BSD,DKH->BSKH"), x,
-                              (wq.astype(dt), wk.astype(dt), wv.astype(dt)), cfg.matmul)
+                              (wq, wk, wv), cfg)
         # Full-width QK-norm: normalise over (heads, head_dim) together, then RoPE.
         q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q)
         k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k)
@@ -349,7 +388,7 @@ class Attention(nn.Module):
             out = cached_attention(q, k, v, kv_cache, *slots, impl=cfg.decode_attention)
             new_kv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # cache layout BKTH
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
-        return dense("BTNH,NHD->BTD", out, wo.astype(dt), cfg.matmul, contract=2), new_kv
+        return dense("BTNH,NHD->BTD", out, wo, cfg, contract=2), new_kv
 
 
 class MLP(nn.Module):
@@ -365,11 +404,10 @@ class MLP(nn.Module):
         w_up = _param(self, "up_proj", (D, F), ("embed", "mlp"), _init(cfg))
         w_down = _param(self, "down_proj", (F, D), ("mlp", "embed"), _init(cfg))
         x = x_BTD.astype(dt)
-        gate, up = dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x,
-                               (w_gate.astype(dt), w_up.astype(dt)), cfg.matmul)
+        gate, up = dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x, (w_gate, w_up), cfg)
         h = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
         h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
-        return dense("BTF,FD->BTD", h, w_down.astype(dt), cfg.matmul)
+        return dense("BTF,FD->BTD", h, w_down, cfg)
 
 
 class Block(nn.Module):

@@ -32,6 +32,8 @@ def tiny():
     (dict(model=dict(matmul="mgpu", dtype="bfloat16")), 8,
      "config.model.matmul='mgpu' runs on one GPU"),
     (dict(model=dict(norm_impl="triton")), None, "config.model.norm_impl='triton': choose one of"),
+    (dict(model=dict(weight_grad_dtype="fp32")), None,
+     "config.model.weight_grad_dtype='fp32': choose one of"),
     (dict(model=dict(norm_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
      "config.model.norm_impl='pallas' needs config.mesh.tensor=1"),
 ])

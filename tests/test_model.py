@@ -219,3 +219,64 @@ def test_pallas_norm_lowers_for_cuda_per_shard_on_a_mesh(monkeypatch):
             lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 9
     assert "sdy.manual_computation" in text or 'mhlo.sharding = "{manual}"' in text
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape,contract", [
+    ("BTD,DF->BTF", (2, 32, 64), (64, 96), 1),
+    ("BTD,DNH->BTNH", (2, 32, 64), (64, 4, 16), 1),
+    ("BTNH,NHD->BTD", (2, 32, 4, 16), (4, 16, 64), 2),
+])
+def test_fp32_weight_grads_keep_the_bits_bf16_autodiff_rounds(spec, x_shape, w_shape, contract):
+    """weight_grad_dtype='float32': the same forward and input gradient as autodiff of the
+    bf16 einsum, bit for bit, and a weight gradient equal to the fp32 product of the bf16
+    operands, where autodiff's is that product rounded to bf16."""
+    from olmo2_jax.model import dense
+
+    kx, kw, ky = jax.random.split(jax.random.PRNGKey(6), 3)
+    x = jax.random.normal(kx, x_shape, jnp.bfloat16)
+    w = jax.random.normal(kw, w_shape, jnp.float32)
+    out_shape = x_shape[:-contract] + w_shape[contract:]
+    dy = jax.random.normal(ky, out_shape, jnp.bfloat16)
+    cfgs = {d: dataclasses.replace(TINY, dtype=jnp.bfloat16, weight_grad_dtype=d)
+            for d in ("float32", "bfloat16")}
+    (y32, vjp32), (y16, vjp16) = (
+        jax.vjp(lambda x, w, c=c: dense(spec, x, w, c, contract=contract), x, w)
+        for c in cfgs.values())
+    np.testing.assert_array_equal(y32, y16)
+    (dx32, dw32), (dx16, dw16) = vjp32(dy), vjp16(dy)
+    np.testing.assert_array_equal(dx32, dx16)
+    assert dw32.dtype == dw16.dtype == jnp.float32
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    exact = np.einsum(f"{lhs},{out}->{rhs}", np.asarray(x, np.float64), np.asarray(dy, np.float64))
+    scale = np.max(np.abs(exact))
+    assert np.max(np.abs(dw32 - exact)) < 1e-5 * scale
+    assert np.max(np.abs(dw16 - exact)) > 1e-4 * scale  # bf16 keeps 8 bits: ~2e-3 relative
+    np.testing.assert_array_equal(dw16, np.asarray(jnp.asarray(exact, jnp.float32)
+                                                   .astype(jnp.bfloat16), np.float32))
+
+
+def test_fp32_weight_grads_model_matches_autodiff_and_remat_saves_the_gemms():
+    """The bf16 model with fp32 weight gradients: the loss of the autodiff path and its
+    gradients to bf16 accuracy, on one device and on a data x fsdp x tensor mesh; remat
+    'dots' keeps the custom-VJP GEMM outputs, so the backward re-runs no weight GEMM."""
+    cfg = dataclasses.replace(TINY, dtype=jnp.bfloat16, weight_grad_dtype="bfloat16",
+                              remat="dots", attention="xla", norm_impl="xla")
+    ours = dataclasses.replace(cfg, weight_grad_dtype="float32")
+    tokens = jax.random.randint(jax.random.PRNGKey(7), (8, 16), 0, cfg.vocab_size)
+    _, params = init(cfg)
+    np.testing.assert_array_equal(_loss(ours, params, tokens), _loss(cfg, params, tokens))
+    _assert_same_loss_and_grads(ours, cfg, params, tokens)
+
+    def gemms(c):
+        hlo = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0).lower(
+            c, params, tokens).compile().as_text()
+        return hlo.count(" dot(")
+
+    def rerun(c):  # GEMMs the backward re-runs: XLA attention's two batched dots only
+        return gemms(c) - gemms(dataclasses.replace(c, remat="none"))
+
+    assert rerun(ours) == rerun(cfg) == 2
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 2), sharding.MESH_AXES)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+        _assert_same_loss_and_grads(ours, cfg, params, tokens)
