@@ -60,6 +60,11 @@ def apply_overrides(c, spec: str):
     return c
 
 
+# How the compiled GPU step's GEMMs run (train.gpu_triton_gemm): HLO ops of each kind.
+GEMM_MARKERS = {"triton": '"kind":"__triton_gemm"', "cublas": '"__cublas$gemm"',
+                "cublaslt": '"__cublas$lt$matmul'}
+
+
 def build(config_path: str, seq: int, overrides: str):
     """(compiled step, state, fresh-batch fn, config) for a config with overrides."""
     c = runpy.run_path(config_path)["get_config"]()
@@ -79,7 +84,8 @@ def build(config_path: str, seq: int, overrides: str):
         step_fn = jax.jit(
             train.make_train_step(model, tx, schedule, accum_steps=accum,
                                   **train.loss_options(c.train), mesh=mesh),
-            in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
+            in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,),
+            compiler_options=train.compiler_options(c.train, mesh))
         B, T = c.train.global_batch_size, seq
 
         def batch():
@@ -123,11 +129,13 @@ def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -
     fpt = config_lib.flops_per_token(c.model, seq)
     peak = metrics.peak_flops_per_device() or float("nan")
     mem = jax.local_devices()[0].memory_stats() or {}
+    hlo = compiled.as_text()
     return {"batch": B, "seq": T, "step_s": round(dt, 4), "tok_s": round(tok_s),
             "tflops_per_device": round(tok_s * fpt / 1e12 / jax.device_count(), 1),
             "mfu": round(tok_s * fpt / (peak * jax.device_count()), 4),
             "peak_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 1),
             "compile_s": round(compile_s, 1), "loss": round(loss, 4),
+            "gemm_kernels": {k: hlo.count(v) for k, v in GEMM_MARKERS.items()},
             "step_s_spread": [round(min(times), 4), round(max(times), 4)],
             **({"gpu_clock": summary} if (summary := clock.summary()) else {})}
 

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     # logits: "xla", "pallas" (kernels/xent_gpu.py: GPUs, the vocabulary unsplit), or "auto"
     # (Pallas where it can run on GPUs, XLA elsewhere).
     t.loss_impl = "auto"
+    # GPUs: let XLA fuse GEMMs with their neighbours into Triton kernels (XLA's default).
+    # False sends every GEMM to cuBLAS (docs/performance.md, eleventh session).
+    t.gpu_triton_gemm = True
     t.seed = 0
     t.log_every = 10
     t.peak_flops_per_device = 0.0  # 0 = from the device kind (None on CPU)

@@ -76,6 +76,14 @@ def loss_options(t) -> dict:
                 loss_logits_dtype=t.loss_logits_dtype, loss_impl=t.loss_impl)
 
 
+def compiler_options(t, mesh) -> dict | None:
+    """XLA options the train step compiles with, from `config.train`, for every caller that
+    jits it (training, benches): on GPUs, train.gpu_triton_gemm."""
+    if mesh.devices.flat[0].platform != "gpu" or t.gpu_triton_gemm:
+        return None
+    return {"xla_gpu_enable_triton_gemm": False}
+
+
 def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_loss_weight: float,
                     loss_chunks: int = 0, loss_logits_dtype: str = "float32",
                     loss_impl: str = "auto", mesh=None, skip_sigma: float = 0.0):
@@ -275,7 +283,7 @@ def train(config, workdir: str) -> dict:
             make_train_step(model, tx, schedule, accum_steps=accum, **loss_options(t),
                             mesh=mesh, skip_sigma=t.skip_sigma),
             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-            donate_argnums=(0,))
+            donate_argnums=(0,), compiler_options=compiler_options(t, mesh))
         writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start,
                                            enabled=jax.process_index() == 0)
         saver = _Saver(manager, data_iter, {"config": config.to_dict()}, config.checkpoint)
