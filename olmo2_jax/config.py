@@ -62,8 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     m.norm_impl = "auto"
     # dtype the weight-gradient GEMMs write: "float32" (a custom VJP asks the GEMM for fp32,
     # so accumulation over micro-batches and the data-parallel reduction sum unrounded
-    # products) or "bfloat16" (plain autodiff: dW rounded to the compute dtype, then cast);
-    # auto = float32
+    # products, as the fused loss's LM-head dW already does) or "bfloat16" (plain autodiff:
+    # dW rounded to the compute dtype, then cast); auto = float32. matmul='xla' only (the
+    # mgpu kernels write the compute dtype)
     m.weight_grad_dtype = "auto"
 
     c.data = d = ml_collections.ConfigDict()
