@@ -81,11 +81,8 @@ def build(config_path: str, seq: int, overrides: str):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         state, shardings = train.create_state(model, tx, mesh, jax.random.PRNGKey(0))
         bs = sharding.batch_sharding(mesh)
-        step_fn = jax.jit(
-            train.make_train_step(model, tx, schedule, accum_steps=accum,
-                                  **train.loss_options(c.train), mesh=mesh),
-            in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,),
-            compiler_options=train.compiler_options(c.train, mesh))
+        step_fn = train.jit_train_step(model, tx, schedule, c.train, accum_steps=accum,
+                                       mesh=mesh, shardings=shardings, batch_sharding=bs)
         B, T = c.train.global_batch_size, seq
 
         def batch():

@@ -66,10 +66,8 @@ def compile_step(config, topology: str) -> dict:
         batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bs),
                  "targets": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bs),
                  "loss_mask": jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=bs)}
-        step = jax.jit(
-            train.make_train_step(model, tx, schedule, accum_steps=accum,
-                                  **train.loss_options(t), mesh=mesh),
-            in_shardings=(shardings, bs), out_shardings=(shardings, None), donate_argnums=(0,))
+        step = train.jit_train_step(model, tx, schedule, t, accum_steps=accum, mesh=mesh,
+                                    shardings=shardings, batch_sharding=bs)
         t0 = time.time()
         lowered = step.lower(abstract, batch)
         try:

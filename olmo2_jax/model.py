@@ -214,14 +214,13 @@ def dense(spec: str, x: Array, w: Array, cfg: ModelConfig, contract: int = 1) ->
     for epilogue fusions: docs/performance.md) where the shapes are its tile multiples."""
     batch, out = x.shape[:-contract], w.shape[contract:]
     shape2 = (math.prod(x.shape[-contract:]), math.prod(out))
-    wc = w.astype(cfg.dtype)
     if cfg.matmul == "mgpu" and matmul_mgpu.dense_supported((*batch, shape2[0]), shape2):
         _check_mgpu()
-        y = matmul_mgpu.dense(x.reshape(*batch, shape2[0]), wc.reshape(shape2))
+        y = matmul_mgpu.dense(x.reshape(*batch, shape2[0]), w.astype(cfg.dtype).reshape(shape2))
         return y.reshape(*batch, *out)
     if weight_grad_dtype(cfg) == "float32" and x.dtype != jnp.float32:
         return _dense_f32_dw(spec, x, w)  # remat "dots" still saves its forward dot
-    return jnp.einsum(spec, x, wc)
+    return jnp.einsum(spec, x, w.astype(cfg.dtype))
 
 
 def weight_grad_dtype(cfg: ModelConfig) -> str:
@@ -231,7 +230,7 @@ def weight_grad_dtype(cfg: ModelConfig) -> str:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dense_f32_dw(spec, x, w):
-    return jnp.einsum(spec, x, w.astype(x.dtype))
+    return _dense_f32_dw_fwd(spec, x, w)[0]
 
 
 def _dense_f32_dw_fwd(spec, x, w):

@@ -77,11 +77,22 @@ def loss_options(t) -> dict:
 
 
 def compiler_options(t, mesh) -> dict | None:
-    """XLA options the train step compiles with, from `config.train`, for every caller that
-    jits it (training, benches): on GPUs, train.gpu_triton_gemm."""
+    """XLA options the train step compiles with, from `config.train`: on GPUs,
+    train.gpu_triton_gemm."""
     if mesh.devices.flat[0].platform != "gpu" or t.gpu_triton_gemm:
         return None
     return {"xla_gpu_enable_triton_gemm": False}
+
+
+def jit_train_step(model: Transformer, tx, schedule, t, *, accum_steps: int, mesh, shardings,
+                   batch_sharding, skip_sigma: float = 0.0):
+    """The train step jitted as every caller runs it (training, benches, AOT compile): state
+    sharded in and out and donated; loss and compiler options from `config.train` (t)."""
+    return jax.jit(
+        make_train_step(model, tx, schedule, accum_steps=accum_steps, **loss_options(t),
+                        mesh=mesh, skip_sigma=skip_sigma),
+        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+        donate_argnums=(0,), compiler_options=compiler_options(t, mesh))
 
 
 def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_loss_weight: float,
@@ -279,11 +290,9 @@ def train(config, workdir: str) -> dict:
                   f"{tokens_per_step:,} tokens/step, {accum} micro-batch(es) | "
                   f"{'resuming from step ' + str(start) if start else 'fresh start'} | "
                   f"workdir {workdir}", flush=True)
-        step_fn = jax.jit(
-            make_train_step(model, tx, schedule, accum_steps=accum, **loss_options(t),
-                            mesh=mesh, skip_sigma=t.skip_sigma),
-            in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-            donate_argnums=(0,), compiler_options=compiler_options(t, mesh))
+        step_fn = jit_train_step(model, tx, schedule, t, accum_steps=accum, mesh=mesh,
+                                 shardings=shardings, batch_sharding=batch_sharding,
+                                 skip_sigma=t.skip_sigma)
         writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start,
                                            enabled=jax.process_index() == 0)
         saver = _Saver(manager, data_iter, {"config": config.to_dict()}, config.checkpoint)
