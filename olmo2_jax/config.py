@@ -213,6 +213,9 @@ def validate(c, num_devices: int | None = None) -> None:
     need(m.weight_grad_dtype in WEIGHT_GRAD_DTYPES,
          f"config.model.weight_grad_dtype={m.weight_grad_dtype!r}: choose one of "
          f"{WEIGHT_GRAD_DTYPES}")
+    need(m.matmul != "mgpu" or m.weight_grad_dtype != "float32",
+         "config.model.weight_grad_dtype='float32' needs matmul='xla' (the mgpu kernels write "
+         "the compute dtype); use weight_grad_dtype='auto' or matmul='xla'")
     need(m.norm_impl in NORM_IMPLS,
          f"config.model.norm_impl={m.norm_impl!r}: choose one of {NORM_IMPLS}")
     for key in ("dtype", "param_dtype"):

@@ -34,6 +34,8 @@ def tiny():
     (dict(model=dict(norm_impl="triton")), None, "config.model.norm_impl='triton': choose one of"),
     (dict(model=dict(weight_grad_dtype="fp32")), None,
      "config.model.weight_grad_dtype='fp32': choose one of"),
+    (dict(model=dict(weight_grad_dtype="float32", matmul="mgpu", dtype="bfloat16")), None,
+     "config.model.weight_grad_dtype='float32' needs matmul='xla'"),
     (dict(model=dict(norm_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
      "config.model.norm_impl='pallas' needs config.mesh.tensor=1"),
 ])
