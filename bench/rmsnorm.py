@@ -7,6 +7,8 @@ kernels/rmsnorm_gpu.py (XLA forward, one-pass Pallas backward), checked against 
 
 Rows: the post-norms' shape (tokens, 2048) with scale (2048,) and QK-norm's (tokens, 16, 128)
 with scale (16, 128); times are for the forward and the backward together, as in a step.
+`qk_norm_rope`: QK-norm then RoPE, XLA's autodiff of both against rmsnorm_gpu.rms_norm_rope
+(one backward pass for the two; model.rope_impl='pallas').
 """
 
 from __future__ import annotations
@@ -56,17 +58,53 @@ def bench_shape(name, x_shape, scale_shape, interpret=False, impls=("xla", "ours
     return rows
 
 
+def bench_rope(tokens, interpret=False, impls=("xla", "ours")):
+    """QK-norm + RoPE at (tokens / 4096 sequences of 4096, 16, 128), ours checked first."""
+    B, T, N, H = max(1, tokens // 4096), min(tokens, 4096), 16, 128
+    k = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(k[0], (B, T, N, H), jnp.bfloat16) * 2
+    scale = 1 + 0.1 * jax.random.normal(k[1], (N, H), jnp.float32)
+    dy = jax.random.normal(k[2], x.shape, jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+    def step(norm_rope):
+        def f(x, scale, dy):
+            y, vjp = jax.vjp(norm_rope, x, scale)
+            return (y, *vjp(dy))
+        return jax.jit(f)
+
+    xla = step(lambda x, s: rmsnorm_gpu.apply_rope(
+        rmsnorm_gpu.reference(x, s, EPS, jnp.bfloat16), pos, 5e5))
+    ours = step(lambda x, s: rmsnorm_gpu.rms_norm_rope(x, s, pos, 5e5, EPS, jnp.bfloat16,
+                                                       interpret=interpret))
+    args, rows = (x, scale, dy), []
+    errs = [rel_err(a, b) for a, b in zip(ours(*args), xla(*args))]
+    if max(errs) > 1e-2:
+        raise AssertionError(f"qk_norm_rope: max errors (y, dx, dscale) {errs} against XLA")
+    for impl, f in (("xla", xla), ("ours", ours)):
+        if impl in impls:
+            rows.append({"shape": "qk_norm_rope", "x": list(x.shape), "impl": impl,
+                         "ms": round(time_fn(f, args) * 1e3, 4),
+                         **({"max_rel_err": [round(e, 6) for e in errs]} if impl == "ours"
+                            else {})})
+    return rows
+
+
 def sweep(name, x_shape, scale_shape, interpret=False):
-    """Our rows at each (rows, max_steps, num_warps) setting, TUNING restored after."""
-    saved, rows = dict(rmsnorm_gpu.TUNING), []
+    """Our rows at each (rows, max_steps, num_warps) setting, the tuning restored after."""
+    tuning = rmsnorm_gpu.ROPE_TUNING if name == "qk_norm_rope" else rmsnorm_gpu.TUNING
+    saved, rows = dict(tuning), []
     try:
         for r, steps, warps in itertools.product((2, 4, 8, 16), (4, 8), (4, 8, 16)):
-            rmsnorm_gpu.TUNING.update(rows=r, max_steps=steps, num_warps=warps)
-            row, = bench_shape(name, x_shape, scale_shape, interpret, impls=("ours",))
-            rows.append({**row, "tuning": dict(rmsnorm_gpu.TUNING)})
+            tuning.update(rows=r, max_steps=steps, num_warps=warps)
+            if name == "qk_norm_rope":
+                row, = bench_rope(x_shape, interpret, impls=("ours",))
+            else:
+                row, = bench_shape(name, x_shape, scale_shape, interpret, impls=("ours",))
+            rows.append({**row, "tuning": dict(tuning)})
     finally:
-        rmsnorm_gpu.TUNING.clear()
-        rmsnorm_gpu.TUNING.update(saved)
+        tuning.clear()
+        tuning.update(saved)
     return rows
 
 
@@ -76,15 +114,24 @@ def main():
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (no GPU)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time ours at each (rows, max_steps, num_warps) setting")
+    ap.add_argument("--only", default="", help="comma-separated shapes (default: all)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    only = set(filter(None, a.only.split(","))) or {"post_norm", "qk_norm", "qk_norm_rope"}
 
     def rows():  # produced one by one, so each prints as soon as it is measured
         for name, xs, ss in (("post_norm", (a.tokens, 2048), (2048,)),
                              ("qk_norm", (a.tokens, 16, 128), (16, 128))):
+            if name not in only:
+                continue
             yield from bench_shape(name, xs, ss, a.interpret)
             if a.sweep:
                 yield from sweep(name, xs, ss, a.interpret)
+        if "qk_norm_rope" not in only:
+            return
+        yield from bench_rope(a.tokens, a.interpret)
+        if a.sweep:
+            yield from sweep("qk_norm_rope", a.tokens, None, a.interpret)
 
     report(rows(), a.out, tokens=a.tokens)
 

@@ -22,6 +22,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MATMUL_IMPLS = ("xla", "mgpu")
 NORM_IMPLS = ("auto", "xla", "pallas")
+ROPE_IMPLS = ("auto", "xla", "pallas")
+MLP_IMPLS = ("auto", "xla", "pallas")
 WEIGHT_GRAD_DTYPES = ("auto", "float32", "bfloat16")
 LOSS_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -60,6 +62,12 @@ def base_config() -> ml_collections.ConfigDict:
     # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; GPUs, per
     # shard of rows); auto = pallas on GPUs where the mesh leaves the features whole, else xla
     m.norm_impl = "auto"
+    # QK-norm + RoPE's backward: "xla", or "pallas" = one pass for both (rmsnorm_gpu.
+    # rms_norm_rope; GPUs, per shard of rows); auto = xla until measured on the H200
+    m.rope_impl = "auto"
+    # SwiGLU's backward: "xla", or "pallas" = one pass writing dgate and dup (kernels/
+    # swiglu_gpu.py; GPUs, per shard); auto = xla until measured on the H200
+    m.mlp_impl = "auto"
     # dtype the weight-gradient GEMMs write: "float32" (a custom VJP asks the GEMM for fp32,
     # so accumulation over micro-batches and the data-parallel reduction sum unrounded
     # products, as the fused loss's LM-head dW already does) or "bfloat16" (plain autodiff:
@@ -218,6 +226,10 @@ def validate(c, num_devices: int | None = None) -> None:
          "the compute dtype); use weight_grad_dtype='auto' or matmul='xla'")
     need(m.norm_impl in NORM_IMPLS,
          f"config.model.norm_impl={m.norm_impl!r}: choose one of {NORM_IMPLS}")
+    need(m.rope_impl in ROPE_IMPLS,
+         f"config.model.rope_impl={m.rope_impl!r}: choose one of {ROPE_IMPLS}")
+    need(m.mlp_impl in MLP_IMPLS,
+         f"config.model.mlp_impl={m.mlp_impl!r}: choose one of {MLP_IMPLS}")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"config.model.{key}={m[key]!r}: choose one of {DTYPES}")
     need(m.rope_theta > 0 and m.norm_eps > 0, "config.model.rope_theta and norm_eps must be > 0")
@@ -292,6 +304,9 @@ def validate(c, num_devices: int | None = None) -> None:
              f"config.model.norm_impl='pallas' needs config.mesh.tensor=1 (QK-norm spans the "
              f"heads that tensor={shape['tensor']} splits); use norm_impl='auto', which keeps "
              "those norms on XLA")
+        need(m.rope_impl != "pallas" or shape["tensor"] == 1,
+             f"config.model.rope_impl='pallas' needs config.mesh.tensor=1 (QK-norm spans the "
+             f"heads that tensor={shape['tensor']} splits); use rope_impl='auto'")
         need(m.matmul != "mgpu" or num_devices == 1,
              f"config.model.matmul='mgpu' runs on one GPU (the kernel is not partitioned "
              f"yet), this run has {num_devices} devices; use matmul='xla'")

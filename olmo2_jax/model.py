@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from kernels import matmul_mgpu, rmsnorm_gpu
+from kernels import matmul_mgpu, rmsnorm_gpu, swiglu_gpu
 from kernels.attention import HEAD_DIMS as PALLAS_HEAD_DIMS, RESIDUAL_NAMES, current_platform
 from kernels.attention import flash_attention
 from olmo2_jax import config as config_lib
@@ -89,6 +89,8 @@ class ModelConfig:
     attention: str = "auto"
     matmul: str = "xla"
     norm_impl: str = "auto"
+    rope_impl: str = "auto"
+    mlp_impl: str = "auto"
     weight_grad_dtype: str = "auto"
 
     @classmethod
@@ -101,7 +103,7 @@ class ModelConfig:
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
             param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers, remat=m.remat,
             attention=m.attention, matmul=m.matmul, norm_impl=m.norm_impl,
-            weight_grad_dtype=m.weight_grad_dtype)
+            rope_impl=m.rope_impl, mlp_impl=m.mlp_impl, weight_grad_dtype=m.weight_grad_dtype)
 
 
 def _init(cfg: ModelConfig):
@@ -115,39 +117,54 @@ def _param(module: nn.Module, name: str, shape, axes, init):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the trailing `len(axes)` dims, in fp32, weight only (no bias)."""
+    """RMSNorm over the trailing `len(axes)` dims, in fp32, weight only (no bias).
+
+    positions (QK-norm): RoPE follows the norm, with the backwards of both in one Pallas pass
+    where cfg.rope_impl resolves to "pallas" (rmsnorm_gpu.rms_norm_rope)."""
 
     cfg: ModelConfig
     axes: tuple[str, ...] = ("embed",)
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, positions: Array | None = None) -> Array:
+        cfg = self.cfg
         scale = _param(self, "scale", x.shape[-len(self.axes):], self.axes,
                        nn.initializers.ones)
-        if norm_impl(self.cfg.norm_impl) == "pallas":
+        # init traces tiny shapes (and needs no backward): the kernel is for apply
+        if positions is not None and _rope_impl(cfg) == "pallas" and not self.is_initializing():
+            row_axes, shards, why = split_rows(self.axes)
+            shard_shape = (x.shape[0] // shards, *x.shape[1:])
+            if why is None and rmsnorm_gpu.rope_supported(shard_shape):
+                _need_gpu("rope_impl")
+                return rmsnorm_gpu.rms_norm_rope(x, scale, positions, cfg.rope_theta,
+                                                 cfg.norm_eps, cfg.dtype, row_axes=row_axes)
+            if cfg.rope_impl == "pallas":
+                raise ValueError(f"config.model.rope_impl='pallas': {self.name} cannot run per "
+                                 f"shard, {why or f'its shard {shard_shape} is not whole tiles'}; "
+                                 "use rope_impl='auto'")
+        y = None
+        if norm_impl(cfg.norm_impl) == "pallas":
             row_axes, shards, why = split_rows(self.axes)
             if why is None and rmsnorm_gpu.supported((x.size // shards,), scale.shape):
-                if current_platform() != "gpu":
-                    raise ValueError("config.model.norm_impl='pallas' needs a GPU, this step is "
-                                     f"compiled for {current_platform()!r}; use norm_impl='auto'")
-                return rmsnorm_gpu.rms_norm(x, scale, self.cfg.norm_eps, self.cfg.dtype,
-                                            row_axes=row_axes)
-            if why is not None and self.cfg.norm_impl == "pallas":
+                _need_gpu("norm_impl")
+                y = rmsnorm_gpu.rms_norm(x, scale, cfg.norm_eps, cfg.dtype, row_axes=row_axes)
+            elif why is not None and cfg.norm_impl == "pallas":
                 raise ValueError(f"config.model.norm_impl='pallas': {self.name} cannot run per "
                                  f"shard, {why}; use norm_impl='auto' (XLA for this norm)")
-        # the same forward the kernel's custom_vjp runs, so both paths agree exactly
-        return rmsnorm_gpu.reference(x, scale, self.cfg.norm_eps, self.cfg.dtype)
+        if y is None:  # the same forward the kernel's custom_vjp runs, so both paths agree
+            y = rmsnorm_gpu.reference(x, scale, cfg.norm_eps, cfg.dtype)
+        return y if positions is None else apply_rope(y, positions, cfg.rope_theta)
+
+
+def _need_gpu(key: str):
+    if current_platform() != "gpu":
+        raise ValueError(f"config.model.{key}='pallas' needs a GPU, this step is compiled for "
+                         f"{current_platform()!r}; use {key}='auto'")
 
 
 def apply_rope(x_BTNH: Array, positions_BT: Array, theta: float) -> Array:
     """Rotary embedding, half-split ("rotate_half") layout, computed in fp32."""
-    h = x_BTNH.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # B,T,H/2
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
+    return rmsnorm_gpu.apply_rope(x_BTNH, positions_BT, theta)
 
 
 def attention_impl(name: str, head_dim: int = 128) -> str:
@@ -168,6 +185,19 @@ def norm_impl(name: str) -> str:
     if name == "auto":
         return "pallas" if current_platform() == "gpu" else "xla"
     return name
+
+
+def _rope_impl(cfg: ModelConfig) -> str:
+    """Resolves config.model.rope_impl "auto": XLA until the fused backward is measured on
+    the H200 (docs/performance.md). "pallas" replaces QK-norm's backward whatever norm_impl
+    says (the kernel runs both backwards)."""
+    return "xla" if cfg.rope_impl == "auto" else cfg.rope_impl
+
+
+def mlp_impl(cfg: ModelConfig) -> str:
+    """Resolves config.model.mlp_impl "auto": XLA until the one-pass SwiGLU backward is
+    measured on the H200 (docs/performance.md)."""
+    return "xla" if cfg.mlp_impl == "auto" else cfg.mlp_impl
 
 
 def split_rows(axes: tuple[str, ...]):
@@ -374,10 +404,9 @@ class Attention(nn.Module):
         q, k, v = dense_group(("BTD,DNH->BTNH", "BSD,DKH->BSKH", "BSD,DKH->BSKH"), x,
                               (wq, wk, wv), cfg)
         # Full-width QK-norm: normalise over (heads, head_dim) together, then RoPE.
-        q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q)
-        k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k)
-        q = checkpoint_name(apply_rope(q, positions_BT, cfg.rope_theta), "q_rope")
-        k = checkpoint_name(apply_rope(k, positions_BT, cfg.rope_theta), "k_rope")
+        q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q, positions_BT)
+        k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k, positions_BT)
+        q, k = checkpoint_name(q, "q_rope"), checkpoint_name(k, "k_rope")
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v.astype(dt), ("batch", "seq", "kv_heads", "head_dim"))
@@ -404,9 +433,34 @@ class MLP(nn.Module):
         w_down = _param(self, "down_proj", (F, D), ("mlp", "embed"), _init(cfg))
         x = x_BTD.astype(dt)
         gate, up = dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x, (w_gate, w_up), cfg)
-        h = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
+        h = checkpoint_name(_swiglu(gate, up, cfg, self.is_initializing()), "mlp_hidden")
         h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
         return dense("BTF,FD->BTD", h, w_down, cfg)
+
+
+def _swiglu(gate: Array, up: Array, cfg: ModelConfig, initializing: bool = False) -> Array:
+    """silu(gate) * up; with cfg.mlp_impl "pallas", its backward in one pass per shard
+    (kernels/swiglu_gpu.py). Init traces tiny shapes and needs no backward: XLA's there."""
+    if mlp_impl(cfg) != "pallas" or initializing:
+        return swiglu_gpu.reference(gate, up)
+    _need_gpu("mlp_impl")
+    mesh, spec = jax.sharding.get_abstract_mesh(), None
+    shape = gate.shape
+    if not mesh.empty and mesh.size > 1:
+        spec = jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(("batch", "seq", "mlp")))
+        shape = tuple(d // math.prod(mesh.shape[a] for a in _names(e))
+                      for d, e in zip(gate.shape, spec))
+    if not swiglu_gpu.supported(shape):
+        if cfg.mlp_impl != "pallas":
+            return swiglu_gpu.reference(gate, up)
+        raise ValueError(f"config.model.mlp_impl='pallas': the MLP's activations {shape} (per "
+                         f"device) are not whole tiles of {swiglu_gpu.TUNING['rows']} rows x a "
+                         f"power of two >= {swiglu_gpu.MIN_COLS} columns; use mlp_impl='auto'")
+    return swiglu_gpu.swiglu(gate, up, spec=spec)
+
+
+def _names(entry) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 class Block(nn.Module):

@@ -162,6 +162,20 @@ def test_rmsnorm_bench_checks_then_times_both(capsys):
     swept = rmsnorm.sweep("qk_norm", (16, 4, 16), (4, 16), interpret=True)
     assert len(swept) == 24 and {r["tuning"]["rows"] for r in swept} == {2, 4, 8, 16}
     assert rmsnorm.rmsnorm_gpu.TUNING == saved
+    rows = rmsnorm.bench_rope(16, interpret=True)  # QK-norm + RoPE: XLA's pair, then ours
+    assert [r["impl"] for r in rows] == ["xla", "ours"] and rows[0]["x"] == [1, 16, 16, 128]
+    assert max(rows[1]["max_rel_err"]) < 1e-2
+
+
+def test_swiglu_bench_checks_then_times_both():
+    """bench/swiglu on the CPU through Pallas' interpreter: fwd+bwd and bwd rows for XLA's
+    autodiff and ours, each with its error against fp32 autodiff (ours checked first)."""
+    from bench import swiglu
+
+    rows = swiglu.bench(8, F=2048, interpret=True)
+    assert [(r["impl"], r["what"]) for r in rows] == [
+        ("xla", "fwd+bwd"), ("xla", "bwd"), ("ours", "fwd+bwd"), ("ours", "bwd")]
+    assert all(r["ms"] > 0 for r in rows) and max(rows[-1]["max_rel_err_vs_fp32"]) < 1e-2
 
 
 def test_gpu_clock_summarises_nvidia_smi_samples(tmp_path, monkeypatch):

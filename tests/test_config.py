@@ -38,6 +38,10 @@ def tiny():
      "config.model.weight_grad_dtype='float32' needs matmul='xla'"),
     (dict(model=dict(norm_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
      "config.model.norm_impl='pallas' needs config.mesh.tensor=1"),
+    (dict(model=dict(rope_impl="triton")), None, "config.model.rope_impl='triton': choose one of"),
+    (dict(model=dict(mlp_impl="fused")), None, "config.model.mlp_impl='fused': choose one of"),
+    (dict(model=dict(rope_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
+     "config.model.rope_impl='pallas' needs config.mesh.tensor=1"),
 ])
 def test_validation_errors_are_clear(change, devices, message):
     c = tiny()

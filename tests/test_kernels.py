@@ -415,6 +415,69 @@ def test_rmsnorm_kernel_refuses_what_it_cannot_run_and_lowers_for_cuda():
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "rmsnorm_bwd" in text
 
 
+@pytest.mark.parametrize("B,T,N,min_programs", [(2, 16, 4, 264), (1, 64, 2, 2)])
+def test_rmsnorm_rope_one_pass_backward_matches_fp32_autodiff(B, T, N, min_programs,
+                                                              monkeypatch):
+    """kernels/rmsnorm_gpu.rms_norm_rope (Pallas interpreter): the forward is bit for bit the
+    model's QK-norm then RoPE; dx and dscale match fp32 autodiff of that forward (closer than
+    XLA's bf16 autodiff gets), with positions that are not 0..T-1 and, in the second case,
+    several steps per program (partial dscale sums carried across steps)."""
+    from kernels import rmsnorm_gpu as R
+
+    monkeypatch.setitem(R.ROPE_TUNING, "min_programs", min_programs)
+    H, theta, eps = 32, 5e5, 1e-6
+    assert (R._steps(B * T // R.ROPE_TUNING["rows"], R.ROPE_TUNING) > 1) == (min_programs == 2)
+    k = jax.random.split(jax.random.key(2), 4)
+    x = (3 * jax.random.normal(k[0], (B, T, N, H))).astype(jnp.bfloat16)
+    scale = 1 + 0.1 * jax.random.normal(k[1], (N, H))
+    pos = jax.random.randint(k[2], (B, T), 0, 4096)
+    dy = jax.random.normal(k[3], x.shape).astype(jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x, s: R.rms_norm_rope(x, s, pos, theta, eps, jnp.bfloat16,
+                                                  interpret=True), x, scale)
+    y_ref, vjp_bf16 = jax.vjp(lambda x, s: R.apply_rope(R.reference(x, s, eps, jnp.bfloat16),
+                                                        pos, theta), x, scale)
+    _, vjp_f32 = jax.vjp(lambda x, s: R.apply_rope(R.reference(x, s, eps, jnp.float32), pos,
+                                                   theta), x.astype(jnp.float32), scale)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+    for got, bf16, ref in zip(vjp(dy), vjp_bf16(dy), vjp_f32(dy.astype(jnp.float32))):
+        got, bf16, ref = (np.asarray(a, np.float32) for a in (got, bf16, ref))
+        assert got.shape == ref.shape
+        err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
+        assert err <= 4e-3 and err <= np.max(np.abs(bf16 - ref)) / np.max(np.abs(ref))
+    with pytest.raises(ValueError, match="needs scale .* and positions"):
+        R.rms_norm_rope(x, scale[:1], pos, theta, eps)
+    assert not R.rope_supported((2, 3, 4, 32)) and not R.rope_supported((2, 8, 3, 32))
+
+
+def test_swiglu_one_pass_backward_matches_fp32_autodiff_and_lowers_for_cuda():
+    """kernels/swiglu_gpu (Pallas interpreter, several tiles each way): the forward is bit for
+    bit XLA's silu(gate) * up; dgate and dup match fp32 autodiff to bf16 rounding (XLA's
+    bf16 autodiff is further off); the backward is one Triton call for CUDA."""
+    from kernels import swiglu_gpu as S
+
+    k = jax.random.split(jax.random.key(4), 3)
+    shape = (2, 16, 3 * 256)  # the tile's width: gcd(768, 1024) = 256, three per row
+    g = (3 * jax.random.normal(k[0], shape)).astype(jnp.bfloat16)
+    u = jax.random.normal(k[1], shape).astype(jnp.bfloat16)
+    dh = jax.random.normal(k[2], shape).astype(jnp.bfloat16)
+    h, vjp = jax.vjp(lambda g, u: S.swiglu(g, u, interpret=True), g, u)
+    h_ref, vjp_bf16 = jax.vjp(S.reference, g, u)
+    _, vjp_f32 = jax.vjp(S.reference, g.astype(jnp.float32), u.astype(jnp.float32))
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h_ref, np.float32))
+    for got, bf16, ref in zip(vjp(dh), vjp_bf16(dh), vjp_f32(dh.astype(jnp.float32))):
+        assert got.dtype == jnp.bfloat16
+        got, bf16, ref = (np.asarray(a, np.float32) for a in (got, bf16, ref))
+        np.testing.assert_allclose(got, ref, rtol=8e-3, atol=8e-3 * np.max(np.abs(ref)))
+        assert np.mean(np.abs(got - ref)) < np.mean(np.abs(bf16 - ref))
+    assert not S.supported((2, 16, 96)) and not S.supported((3, 1024))
+    with pytest.raises(ValueError, match="must split into tiles.*mlp_impl='xla'"):
+        jax.grad(lambda g: S.swiglu(g, g).astype(jnp.float32).sum())(jnp.ones((2, 96)))
+    grad = jax.jit(jax.grad(lambda g, u: S.swiglu(g, u).astype(jnp.float32).sum(), (0, 1)))
+    text = grad.trace(*[jax.ShapeDtypeStruct((4096, 8192), jnp.bfloat16)] * 2).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "swiglu_bwd" in text
+
+
 def test_xent_passes_match_reference_over_several_tiles(monkeypatch):
     """kernels/xent_gpu (Pallas interpreter), with tiles small enough that each program walks
     several rows and vocabulary tiles: the logsumexp equals jax.nn.logsumexp (maxima early,

@@ -190,9 +190,11 @@ def _loss(cfg, params, tokens):
 
 def _assert_same_loss_and_grads(cfg, cfg_ref, params, tokens):
     """A kernel option against XLA's path: the loss, and every gradient to 2% of its max."""
-    np.testing.assert_allclose(_loss(cfg, params, tokens), _loss(cfg_ref, params, tokens),
+    loss = jax.jit(_loss, static_argnums=0)  # jitted: eager op-by-op runs are slow on the CPU
+    np.testing.assert_allclose(loss(cfg, params, tokens), loss(cfg_ref, params, tokens),
                                rtol=1e-3)
-    g, g_ref = (jax.grad(_loss, argnums=1)(c, params, tokens) for c in (cfg, cfg_ref))
+    grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)
+    g, g_ref = (grad(c, params, tokens) for c in (cfg, cfg_ref))
     for path, ref in jax.tree_util.tree_leaves_with_path(g_ref):
         got = np.asarray(functools.reduce(lambda t, k: t[k.key], path, g), np.float32)
         ref = np.asarray(ref, np.float32)
@@ -219,6 +221,58 @@ def test_pallas_norm_lowers_for_cuda_per_shard_on_a_mesh(monkeypatch):
             lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 9
     assert "sdy.manual_computation" in text or 'mhlo.sharding = "{manual}"' in text
+
+
+def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
+    """model.rope_impl / mlp_impl 'pallas' (kernels in Pallas' interpreter): the loss and every
+    gradient match XLA's path under remat "dots" (the kernels' residuals are the saved
+    GEMM outputs), on one device and per shard on a data x fsdp mesh; where the mesh splits
+    the heads, rope 'pallas' names the fix and the MLP still runs per shard. Both lower for
+    CUDA: one Triton call for each of QK-norm+RoPE (x2) and SwiGLU per layer."""
+    import re
+
+    from kernels import rmsnorm_gpu, swiglu_gpu
+    from olmo2_jax import model as model_lib
+
+    cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
+                      n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
+                      attention="xla", remat="dots", norm_impl="xla")
+    ours = dataclasses.replace(cfg, rope_impl="pallas", mlp_impl="pallas")
+    tokens = jax.random.randint(jax.random.PRNGKey(7), (2, 64), 0, cfg.vocab_size)
+    _, params = init(cfg)
+    for key in ("rope_impl", "mlp_impl"):
+        with pytest.raises(ValueError, match=f"{key}='pallas' needs a GPU.*use {key}='auto'"):
+            Transformer(dataclasses.replace(cfg, **{key: "pallas"})).apply({"params": params},
+                                                                          tokens)
+
+    monkeypatch.setattr(model_lib, "current_platform", lambda: "gpu")
+    m = Transformer(ours)  # init's one-token trace takes XLA's path, not the kernels' tiles
+    abstract = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    text = jax.jit(jax.grad(lambda p, t: m.apply(p, t).astype(jnp.float32).mean())).trace(
+        abstract, jax.ShapeDtypeStruct((8, 64), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2 * 3
+    assert "rmsnorm_rope_bwd" in text and "swiglu_bwd" in text
+
+    monkeypatch.setattr(rmsnorm_gpu, "rms_norm_rope",
+                        functools.partial(rmsnorm_gpu.rms_norm_rope, interpret=True))
+    monkeypatch.setattr(swiglu_gpu, "swiglu", functools.partial(swiglu_gpu.swiglu, interpret=True))
+    grad = jax.grad(lambda p: _loss(ours, p, tokens))
+    assert str(jax.make_jaxpr(grad)(params)).count("pallas_call") == 2 * 3
+    _assert_same_loss_and_grads(ours, cfg, params, tokens)
+
+    def mesh(*shape):
+        return jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
+
+    tokens = tokens.reshape(8, 16)
+    with jax.set_mesh(mesh(2, 4, 1)), nn.logical_axis_rules(sharding.RULES):
+        _assert_same_loss_and_grads(ours, cfg, params, tokens)
+    with jax.set_mesh(mesh(1, 4, 2)), nn.logical_axis_rules(sharding.RULES):
+        with pytest.raises(ValueError, match="rope_impl='pallas': q_norm cannot run per shard, "
+                                             "its features are split"):
+            jax.make_jaxpr(grad)(params)
+        mlp_only = dataclasses.replace(cfg, mlp_impl="pallas")
+        _assert_same_loss_and_grads(mlp_only, cfg, params, tokens)
 
 
 @pytest.mark.parametrize("spec,x_shape,w_shape,contract", [

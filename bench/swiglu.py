@@ -1,0 +1,101 @@
+"""SwiGLU's h = silu(gate) * up, forward + backward at the 1B step's shape: XLA's autodiff
+against kernels/swiglu_gpu.py (XLA forward, one-pass Pallas backward), checked first.
+
+    python bench/swiglu.py --out=/tmp/swiglu.json        # a CUDA GPU
+    python bench/swiglu.py --tokens=64 --interpret       # anywhere (Pallas interpreter)
+    python bench/swiglu.py --sweep                       # + each tile setting of ours
+
+Rows: (tokens, 8192) bf16, as (batch x seq, mlp_hidden) of OLMo-2-1B; `bwd` rows time the
+backward alone (dh given), `fwd+bwd` both. The backward's bytes: 3 reads + 2 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.attention import rel_err, report, time_fn  # noqa: E402
+from kernels import swiglu_gpu  # noqa: E402
+
+
+def bench(tokens, F=8192, interpret=False, impls=("xla", "ours")):
+    k = jax.random.split(jax.random.key(0), 3)
+    gate = jax.random.normal(k[0], (tokens, F), jnp.bfloat16) * 2
+    up = jax.random.normal(k[1], (tokens, F), jnp.bfloat16)
+    dh = jax.random.normal(k[2], (tokens, F), jnp.bfloat16)
+
+    def steps(fn):
+        def both(g, u, dh):
+            h, vjp = jax.vjp(fn, g, u)
+            return (h, *vjp(dh))
+
+        def bwd(g, u, dh):
+            return jax.vjp(fn, g, u)[1](dh)
+        return {"fwd+bwd": jax.jit(both), "bwd": jax.jit(bwd)}
+
+    xla = steps(swiglu_gpu.reference)
+    ours = steps(lambda g, u: swiglu_gpu.swiglu(g, u, interpret=interpret))
+    args = (gate, up, dh)
+    # against fp32 autodiff: ours computes in fp32, XLA's bf16 autodiff rounds between steps
+    exact = jax.jit(lambda g, u, dh: jax.vjp(swiglu_gpu.reference, g.astype(jnp.float32),
+                                             u.astype(jnp.float32))[1](dh.astype(jnp.float32)))
+    ref = exact(*args)
+    errs = {name: [rel_err(a, b) for a, b in zip(fs["bwd"](*args), ref)]
+            for name, fs in (("xla", xla), ("ours", ours))}
+    if max(errs["ours"]) > 1e-2:
+        raise AssertionError(f"swiglu: ours (dgate, dup) errors {errs['ours']} against fp32")
+    rows = []
+    for impl, fs in (("xla", xla), ("ours", ours)):
+        if impl not in impls:
+            continue
+        for what, f in fs.items():
+            t = time_fn(f, args)
+            nbytes = gate.size * 2 * (5 if what == "bwd" else 8)
+            rows.append({"what": what, "x": [tokens, F], "impl": impl, "ms": round(t * 1e3, 4),
+                         "GB/s": round(nbytes / t / 1e9), "tuning": dict(swiglu_gpu.TUNING),
+                         "max_rel_err_vs_fp32": [round(e, 6) for e in errs[impl]]})
+    return rows
+
+
+def sweep(tokens, interpret=False):
+    """Our rows at each (rows, cols, num_warps) setting, TUNING restored after."""
+    saved, rows = dict(swiglu_gpu.TUNING), []
+    try:
+        for r, c, w in itertools.product((1, 2, 4, 8, 16, 32, 64), (128, 256, 512, 1024, 2048),
+                                         (4, 8)):
+            if not 2048 <= r * c <= 16384:
+                continue
+            swiglu_gpu.TUNING.update(rows=r, cols=c, num_warps=w)
+            rows += [row for row in bench(tokens, interpret=interpret, impls=("ours",))
+                     if row["what"] == "bwd"]
+    finally:
+        swiglu_gpu.TUNING.clear()
+        swiglu_gpu.TUNING.update(saved)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=65536, help="rows (batch x seq)")
+    ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (no GPU)")
+    ap.add_argument("--sweep", action="store_true", help="also time ours at each tile setting")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    def rows():
+        yield from bench(a.tokens, interpret=a.interpret)
+        if a.sweep:
+            yield from sweep(a.tokens, a.interpret)
+
+    report(rows(), a.out, tokens=a.tokens)
+
+
+if __name__ == "__main__":
+    main()
