@@ -5,7 +5,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/
 export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONUNBUFFERED=1
 timeout 40 python3 bench/rmsnorm.py --only=qk_norm_rope --out=$OUT/rmsnorm.json > $OUT/rmsnorm.log 2>&1; tail -2 $OUT/rmsnorm.log
 B="train.global_batch_size=${GB:-32},train.micro_batch_size=${MB:-16},model.remat=none,train.loss_logits_dtype=bfloat16"
-run() { timeout ${T:-100} python3 bench/train_step.py --config=configs/1b.py --seq=4096 --steps=5 --warmup=1 \
+run() { timeout ${T:-85} python3 bench/train_step.py --config=configs/1b.py --seq=4096 --steps=4 --warmup=1 \
   --variant=$1:$B$2 --out=$OUT/$1.json > $OUT/$1.log 2>&1; tail -1 $OUT/$1.log | cut -c1-300; }
 run e1_both ",model.mlp_impl=pallas,model.rope_impl=pallas"
 run e1_ctl ""
