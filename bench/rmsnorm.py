@@ -35,27 +35,10 @@ def bench_shape(name, x_shape, scale_shape, interpret=False, impls=("xla", "ours
     x = jax.random.normal(k[0], x_shape, jnp.bfloat16) * 2
     scale = 1 + 0.1 * jax.random.normal(k[1], scale_shape, jnp.float32)
     dy = jax.random.normal(k[2], x_shape, jnp.bfloat16)
-
-    def step(norm):
-        def f(x, scale, dy):
-            y, vjp = jax.vjp(norm, x, scale)
-            return (y, *vjp(dy))
-        return jax.jit(f)
-
-    xla = step(lambda x, s: rmsnorm_gpu.reference(x, s, EPS, jnp.bfloat16))
-    ours = step(lambda x, s: rmsnorm_gpu.rms_norm(x, s, EPS, jnp.bfloat16, interpret=interpret))
-    args, rows = (x, scale, dy), []
-    ref, out = xla(*args), ours(*args)
-    errs = [rel_err(a, b) for a, b in zip(out, ref)]
-    if max(errs) > 1e-2:
-        raise AssertionError(f"{name}: max errors (y, dx, dscale) {errs} against XLA")
-    for impl, f in (("xla", xla), ("ours", ours)):
-        if impl not in impls:
-            continue
-        t = time_fn(f, args)
-        rows.append({"shape": name, "x": list(x_shape), "impl": impl, "ms": round(t * 1e3, 4),
-                     **({"max_rel_err": [round(e, 6) for e in errs]} if impl == "ours" else {})})
-    return rows
+    return _compare(name, (x, scale, dy), impls,
+                    xla=lambda x, s: rmsnorm_gpu.reference(x, s, EPS, jnp.bfloat16),
+                    ours=lambda x, s: rmsnorm_gpu.rms_norm(x, s, EPS, jnp.bfloat16,
+                                                           interpret=interpret))
 
 
 def bench_rope(tokens, interpret=False, impls=("xla", "ours")):
@@ -66,27 +49,34 @@ def bench_rope(tokens, interpret=False, impls=("xla", "ours")):
     scale = 1 + 0.1 * jax.random.normal(k[1], (N, H), jnp.float32)
     dy = jax.random.normal(k[2], x.shape, jnp.bfloat16)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return _compare("qk_norm_rope", (x, scale, dy), impls,
+                    xla=lambda x, s: rmsnorm_gpu.apply_rope(
+                        rmsnorm_gpu.reference(x, s, EPS, jnp.bfloat16), pos, 5e5),
+                    ours=lambda x, s: rmsnorm_gpu.rms_norm_rope(x, s, pos, 5e5, EPS, jnp.bfloat16,
+                                                                interpret=interpret))
 
-    def step(norm_rope):
+
+def _compare(name, args, impls, **norms):
+    """Forward + backward of each of `norms` (x, scale) -> y on args (x, scale, dy), jitted;
+    ours checked against XLA's y, dx and dscale first, then a timed row per impl."""
+    def step(norm):
         def f(x, scale, dy):
-            y, vjp = jax.vjp(norm_rope, x, scale)
+            y, vjp = jax.vjp(norm, x, scale)
             return (y, *vjp(dy))
         return jax.jit(f)
 
-    xla = step(lambda x, s: rmsnorm_gpu.apply_rope(
-        rmsnorm_gpu.reference(x, s, EPS, jnp.bfloat16), pos, 5e5))
-    ours = step(lambda x, s: rmsnorm_gpu.rms_norm_rope(x, s, pos, 5e5, EPS, jnp.bfloat16,
-                                                       interpret=interpret))
-    args, rows = (x, scale, dy), []
-    errs = [rel_err(a, b) for a, b in zip(ours(*args), xla(*args))]
+    steps = {impl: step(norm) for impl, norm in norms.items()}
+    errs = [rel_err(a, b) for a, b in zip(steps["ours"](*args), steps["xla"](*args))]
     if max(errs) > 1e-2:
-        raise AssertionError(f"qk_norm_rope: max errors (y, dx, dscale) {errs} against XLA")
-    for impl, f in (("xla", xla), ("ours", ours)):
-        if impl in impls:
-            rows.append({"shape": "qk_norm_rope", "x": list(x.shape), "impl": impl,
-                         "ms": round(time_fn(f, args) * 1e3, 4),
-                         **({"max_rel_err": [round(e, 6) for e in errs]} if impl == "ours"
-                            else {})})
+        raise AssertionError(f"{name}: max errors (y, dx, dscale) {errs} against XLA")
+    rows = []
+    for impl, f in steps.items():
+        if impl not in impls:
+            continue
+        t = time_fn(f, args)
+        rows.append({"shape": name, "x": list(args[0].shape), "impl": impl,
+                     "ms": round(t * 1e3, 4),
+                     **({"max_rel_err": [round(e, 6) for e in errs]} if impl == "ours" else {})})
     return rows
 
 

@@ -81,9 +81,13 @@ def rms_norm(x, scale, eps: float, dtype=None, *, row_axes=None, interpret: bool
         raise ValueError(f"rms_norm: x {x.shape} / scale {scale.shape}: the feature width must "
                          f"be a power of two and the rows a multiple of {TUNING['rows']}; "
                          "use model.norm_impl='xla'")
-    row_axes = (row_axes,) if isinstance(row_axes, str) else tuple(row_axes or ())
-    return _rms_norm(x, scale, float(eps), jnp.dtype(dtype or x.dtype).name, row_axes,
-                     bool(interpret))
+    return _rms_norm(x, scale, float(eps), jnp.dtype(dtype or x.dtype).name,
+                     _axes(row_axes), bool(interpret))
+
+
+def _axes(row_axes) -> tuple[str, ...]:
+    """row_axes as a hashable tuple (a custom_vjp's nondiff argument)."""
+    return (row_axes,) if isinstance(row_axes, str) else tuple(row_axes or ())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -129,9 +133,9 @@ def rms_norm_rope(x_BTNH, scale_NH, positions_BT, theta: float, eps: float, dtyp
         raise ValueError(f"rms_norm_rope: x {x_BTNH.shape}: heads and head_dim / 2 must be "
                          f"powers of two and the tokens a multiple of {ROPE_TUNING['rows']}; use "
                          "model.rope_impl='xla'")
-    row_axes = (row_axes,) if isinstance(row_axes, str) else tuple(row_axes or ())
     return _rms_norm_rope(x_BTNH, scale_NH, positions_BT, float(theta), float(eps),
-                          jnp.dtype(dtype or x_BTNH.dtype).name, row_axes, bool(interpret))
+                          jnp.dtype(dtype or x_BTNH.dtype).name, _axes(row_axes),
+                          bool(interpret))
 
 
 def rope_supported(x_shape) -> bool:

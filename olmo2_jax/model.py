@@ -200,6 +200,11 @@ def mlp_impl(cfg: ModelConfig) -> str:
     return "xla" if cfg.mlp_impl == "auto" else cfg.mlp_impl
 
 
+def _names(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def split_rows(axes: tuple[str, ...]):
     """How a row-wise kernel over logical `axes` of a (batch, seq, *axes) activation (a norm,
     the loss's softmax) splits over the ambient mesh: (mesh axes of the rows, their number
@@ -211,8 +216,7 @@ def split_rows(axes: tuple[str, ...]):
     spec = nn.logical_to_mesh_axes(("batch", "seq", *axes))
 
     def split(entry):  # the mesh axes of one spec entry that really split it
-        return tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ())
-                     if mesh.shape[a] > 1)
+        return tuple(a for a in _names(entry) if mesh.shape[a] > 1)
 
     if split(spec[1]):
         return (), 1, f"the sequence is split over mesh axes {split(spec[1])}"
@@ -457,10 +461,6 @@ def _swiglu(gate: Array, up: Array, cfg: ModelConfig, initializing: bool = False
                          f"device) are not whole tiles of {swiglu_gpu.TUNING['rows']} rows x a "
                          f"power of two >= {swiglu_gpu.MIN_COLS} columns; use mlp_impl='auto'")
     return swiglu_gpu.swiglu(gate, up, spec=spec)
-
-
-def _names(entry) -> tuple[str, ...]:
-    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 class Block(nn.Module):
