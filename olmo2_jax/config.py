@@ -23,7 +23,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MATMUL_IMPLS = ("xla", "mgpu")
 NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_IMPLS = ("auto", "xla", "pallas")
-MLP_IMPLS = ("auto", "xla", "pallas")
+MLP_IMPLS = ("auto", "xla", "pallas", "pallas_grouped")
 WEIGHT_GRAD_DTYPES = ("auto", "float32", "bfloat16")
 LOSS_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     # rms_norm_rope; GPUs, per shard of rows); auto = xla until measured on the H200
     m.rope_impl = "auto"
     # SwiGLU's backward: "xla", or "pallas" = one pass writing dgate and dup (kernels/
-    # swiglu_gpu.py; GPUs, per shard); auto = xla until measured on the H200
+    # swiglu_gpu.py; GPUs, per shard), or "pallas_grouped" = the same pass writing them as one
+    # stacked cotangent, so gate/up's input and weight gradients are one GEMM each (swiglu_gpu.
+    # gated; matmul='xla'); auto = xla until measured on the H200
     m.mlp_impl = "auto"
     # dtype the weight-gradient GEMMs write: "float32" (a custom VJP asks the GEMM for fp32,
     # so accumulation over micro-batches and the data-parallel reduction sum unrounded
@@ -230,6 +232,9 @@ def validate(c, num_devices: int | None = None) -> None:
          f"config.model.rope_impl={m.rope_impl!r}: choose one of {ROPE_IMPLS}")
     need(m.mlp_impl in MLP_IMPLS,
          f"config.model.mlp_impl={m.mlp_impl!r}: choose one of {MLP_IMPLS}")
+    need(m.mlp_impl != "pallas_grouped" or m.matmul == "xla",
+         "config.model.mlp_impl='pallas_grouped' runs the gate/up GEMMs through XLA, "
+         f"matmul={m.matmul!r} runs them itself; use mlp_impl='pallas' or matmul='xla'")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"config.model.{key}={m[key]!r}: choose one of {DTYPES}")
     need(m.rope_theta > 0 and m.norm_eps > 0, "config.model.rope_theta and norm_eps must be > 0")

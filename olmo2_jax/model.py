@@ -156,9 +156,9 @@ class RMSNorm(nn.Module):
         return y if positions is None else apply_rope(y, positions, cfg.rope_theta)
 
 
-def _need_gpu(key: str):
+def _need_gpu(key: str, value: str = "pallas"):
     if current_platform() != "gpu":
-        raise ValueError(f"config.model.{key}='pallas' needs a GPU, this step is compiled for "
+        raise ValueError(f"config.model.{key}={value!r} needs a GPU, this step is compiled for "
                          f"{current_platform()!r}; use {key}='auto'")
 
 
@@ -436,10 +436,32 @@ class MLP(nn.Module):
         w_up = _param(self, "up_proj", (D, F), ("embed", "mlp"), _init(cfg))
         w_down = _param(self, "down_proj", (F, D), ("mlp", "embed"), _init(cfg))
         x = x_BTD.astype(dt)
-        gate, up = dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x, (w_gate, w_up), cfg)
-        h = checkpoint_name(_swiglu(gate, up, cfg, self.is_initializing()), "mlp_hidden")
+        if mlp_impl(cfg) == "pallas_grouped" and cfg.matmul == "xla" and not self.is_initializing():
+            h = _gated_grouped(x, w_gate, w_up, cfg)
+        else:
+            gate, up = dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x, (w_gate, w_up), cfg)
+            h = _swiglu(gate, up, cfg, self.is_initializing())
+        h = checkpoint_name(h, "mlp_hidden")
         h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
         return dense("BTF,FD->BTD", h, w_down, cfg)
+
+
+def _mlp_shards(cfg: ModelConfig, shape) -> tuple[Any, tuple[int, ...]]:
+    """The (batch, seq, mlp) activations' PartitionSpec over the ambient mesh (None without
+    one) and their per-device shape; raises if the SwiGLU kernel cannot take that shape and
+    cfg asked for it by name (returns None for the shape where "auto" falls back)."""
+    mesh, spec = jax.sharding.get_abstract_mesh(), None
+    if not mesh.empty and mesh.size > 1:
+        spec = jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(("batch", "seq", "mlp")))
+        shape = tuple(d // math.prod(mesh.shape[a] for a in _names(e))
+                      for d, e in zip(shape, spec))
+    if swiglu_gpu.supported(shape):
+        return spec, shape
+    if cfg.mlp_impl == "auto":
+        return spec, None
+    raise ValueError(f"config.model.mlp_impl={cfg.mlp_impl!r}: the MLP's activations {shape} (per "
+                     f"device) are not whole tiles of {swiglu_gpu.TUNING['rows']} rows x a "
+                     f"power of two >= {swiglu_gpu.MIN_COLS} columns; use mlp_impl='auto'")
 
 
 def _swiglu(gate: Array, up: Array, cfg: ModelConfig, initializing: bool = False) -> Array:
@@ -448,19 +470,23 @@ def _swiglu(gate: Array, up: Array, cfg: ModelConfig, initializing: bool = False
     if mlp_impl(cfg) != "pallas" or initializing:
         return swiglu_gpu.reference(gate, up)
     _need_gpu("mlp_impl")
-    mesh, spec = jax.sharding.get_abstract_mesh(), None
-    shape = gate.shape
-    if not mesh.empty and mesh.size > 1:
-        spec = jax.sharding.PartitionSpec(*nn.logical_to_mesh_axes(("batch", "seq", "mlp")))
-        shape = tuple(d // math.prod(mesh.shape[a] for a in _names(e))
-                      for d, e in zip(gate.shape, spec))
-    if not swiglu_gpu.supported(shape):
-        if cfg.mlp_impl != "pallas":
-            return swiglu_gpu.reference(gate, up)
-        raise ValueError(f"config.model.mlp_impl='pallas': the MLP's activations {shape} (per "
-                         f"device) are not whole tiles of {swiglu_gpu.TUNING['rows']} rows x a "
-                         f"power of two >= {swiglu_gpu.MIN_COLS} columns; use mlp_impl='auto'")
+    spec, shape = _mlp_shards(cfg, gate.shape)
+    if shape is None:
+        return swiglu_gpu.reference(gate, up)
     return swiglu_gpu.swiglu(gate, up, spec=spec)
+
+
+def _gated_grouped(x: Array, w_gate: Array, w_up: Array, cfg: ModelConfig) -> Array:
+    """cfg.mlp_impl "pallas_grouped": both GEMMs and the gate as swiglu_gpu.gated, whose
+    backward runs the gate/up input and weight gradients as one GEMM each over the kernel's
+    stacked cotangent. Falls back to the separate GEMMs where the kernel cannot run."""
+    _need_gpu("mlp_impl", "pallas_grouped")
+    spec, shape = _mlp_shards(cfg, (*x.shape[:-1], w_gate.shape[1]))
+    if shape is None:
+        gate, up = dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x, (w_gate, w_up), cfg)
+        return swiglu_gpu.reference(gate, up)
+    return swiglu_gpu.gated(x, w_gate, w_up, f32_dw=weight_grad_dtype(cfg) == "float32",
+                            spec=spec)
 
 
 class Block(nn.Module):

@@ -176,6 +176,9 @@ def test_swiglu_bench_checks_then_times_both():
     assert [(r["impl"], r["what"]) for r in rows] == [
         ("xla", "fwd+bwd"), ("xla", "bwd"), ("ours", "fwd+bwd"), ("ours", "bwd")]
     assert all(r["ms"] > 0 for r in rows) and max(rows[-1]["max_rel_err_vs_fp32"]) < 1e-2
+    rows = swiglu.bench_gated(8, D=64, F=256, interpret=True)  # GEMMs + gate, three ways
+    assert [r["impl"] for r in rows] == ["xla", "ours", "grouped"]
+    assert all(r["ms"] > 0 and max(r["max_rel_err_vs_xla"]) < 2e-2 for r in rows)
 
 
 def test_gpu_clock_summarises_nvidia_smi_samples(tmp_path, monkeypatch):

@@ -40,6 +40,9 @@ def tiny():
      "config.model.norm_impl='pallas' needs config.mesh.tensor=1"),
     (dict(model=dict(rope_impl="triton")), None, "config.model.rope_impl='triton': choose one of"),
     (dict(model=dict(mlp_impl="fused")), None, "config.model.mlp_impl='fused': choose one of"),
+    (dict(model=dict(mlp_impl="pallas_grouped", matmul="mgpu", dtype="bfloat16",
+                     weight_grad_dtype="bfloat16")), None,
+     "config.model.mlp_impl='pallas_grouped' runs the gate/up GEMMs through XLA"),
     (dict(model=dict(rope_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
      "config.model.rope_impl='pallas' needs config.mesh.tensor=1"),
 ])

@@ -478,6 +478,53 @@ def test_swiglu_one_pass_backward_matches_fp32_autodiff_and_lowers_for_cuda():
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "swiglu_bwd" in text
 
 
+def test_swiglu_gated_grouped_backward_matches_autodiff_with_one_gemm_per_gradient():
+    """swiglu_gpu.gated (the MLP's first half, stacked-cotangent backward; Pallas interpreter):
+    the forward is the model's two GEMMs and gate bit for bit; dx, dW_gate and dW_up match
+    fp32 autodiff of the same bf16 operands (fp32 weight gradients: to fp32 rounding of the
+    GEMM; bf16 ones: to bf16), returned in the weights' dtype; for CUDA the backward is one
+    Triton call plus two GEMMs (dx over K = 2F, dW of N = 2F), not four."""
+    import re
+
+    from kernels import swiglu_gpu as S
+
+    k = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(k[0], (2, 16, 64), jnp.float32).astype(jnp.bfloat16)
+    wg, wu = (0.2 * jax.random.normal(kk, (64, 256), jnp.float32) for kk in k[1:3])
+    dh = jax.random.normal(k[3], (2, 16, 256), jnp.bfloat16)
+
+    def model_path(x, wg, wu):  # model.MLP's path without the kernel
+        gate = jnp.einsum("BTD,DF->BTF", x, wg.astype(x.dtype))
+        return S.reference(gate, jnp.einsum("BTD,DF->BTF", x, wu.astype(x.dtype)))
+
+    def exact(x, wg, wu):  # the same bf16 operands, fp32 math throughout
+        f32 = (x.astype(jnp.float32), wg.astype(jnp.bfloat16).astype(jnp.float32),
+               wu.astype(jnp.bfloat16).astype(jnp.float32))
+        return S.reference(jnp.einsum("BTD,DF->BTF", f32[0], f32[1]),
+                           jnp.einsum("BTD,DF->BTF", f32[0], f32[2]))
+
+    ref = jax.vjp(exact, x, wg, wu)[1](dh.astype(jnp.float32))
+    for f32_dw in (True, False):
+        h, vjp = jax.vjp(lambda *a: S.gated(*a, f32_dw=f32_dw, interpret=True), x, wg, wu)
+        np.testing.assert_array_equal(np.asarray(h, np.float32),
+                                      np.asarray(model_path(x, wg, wu), np.float32))
+        got = vjp(dh)
+        assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
+        for name, g, r in zip(("dx", "dw_gate", "dw_up"), got, ref):
+            g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+            tol = 1e-2 if name == "dx" or not f32_dw else 3e-3
+            np.testing.assert_allclose(g, r, rtol=tol, atol=tol * np.max(np.abs(r)), err_msg=name)
+    with pytest.raises(ValueError, match="must be \\(..., D\\), \\(D, F\\), \\(D, F\\)"):
+        S.gated(x, wg, wu[:, :128])
+
+    grad = jax.jit(jax.grad(lambda *a: S.gated(*a).astype(jnp.float32).sum(), (0, 1, 2)))
+    args = (jax.ShapeDtypeStruct((4, 1024, 2048), jnp.bfloat16),
+            *[jax.ShapeDtypeStruct((2048, 8192), jnp.float32)] * 2)
+    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "swiglu_bwd_stacked" in text
+    assert len(re.findall(r"stablehlo\.dot_general", text)) == 2 + 2  # forward 2, backward 2
+
+
 def test_xent_passes_match_reference_over_several_tiles(monkeypatch):
     """kernels/xent_gpu (Pallas interpreter), with tiles small enough that each program walks
     several rows and vocabulary tiles: the logsumexp equals jax.nn.logsumexp (maxima early,

@@ -168,6 +168,8 @@ def test_pallas_norm_model_matches_xla(monkeypatch):
     auto = dataclasses.replace(cfg, norm_impl="auto")
     assert kernels(ours) == kernels(auto) == 9 and kernels(cfg) == 0
     _assert_same_loss_and_grads(ours, cfg, params, tokens)
+    monkeypatch.setattr(swiglu_gpu, "gated", functools.partial(swiglu_gpu.gated, interpret=True))
+    _assert_same_loss_and_grads(grouped, cfg, params, tokens)
 
     def mesh(*shape):
         return jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
@@ -227,8 +229,10 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
     """model.rope_impl / mlp_impl 'pallas' (kernels in Pallas' interpreter): the loss and every
     gradient match XLA's path under remat "dots" (the kernels' residuals are the saved
     GEMM outputs), on one device and per shard on a data x fsdp mesh; where the mesh splits
-    the heads, rope 'pallas' names the fix and the MLP still runs per shard. Both lower for
-    CUDA: one Triton call for each of QK-norm+RoPE (x2) and SwiGLU per layer."""
+    the heads, rope 'pallas' names the fix and the MLP still runs per shard. mlp_impl
+    'pallas_grouped' (stacked cotangent, one GEMM per gate/up gradient) likewise, the
+    tensor-split MLP included. Both lower for CUDA: one Triton call for each of QK-norm+RoPE
+    (x2) and SwiGLU per layer."""
     import re
 
     from kernels import rmsnorm_gpu, swiglu_gpu
@@ -240,10 +244,11 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
     ours = dataclasses.replace(cfg, rope_impl="pallas", mlp_impl="pallas")
     tokens = jax.random.randint(jax.random.PRNGKey(7), (2, 64), 0, cfg.vocab_size)
     _, params = init(cfg)
-    for key in ("rope_impl", "mlp_impl"):
-        with pytest.raises(ValueError, match=f"{key}='pallas' needs a GPU.*use {key}='auto'"):
-            Transformer(dataclasses.replace(cfg, **{key: "pallas"})).apply({"params": params},
-                                                                          tokens)
+    for key, value in (("rope_impl", "pallas"), ("mlp_impl", "pallas"),
+                       ("mlp_impl", "pallas_grouped")):
+        with pytest.raises(ValueError, match=f"{key}='{value}' needs a GPU.*use {key}='auto'"):
+            Transformer(dataclasses.replace(cfg, **{key: value})).apply({"params": params},
+                                                                       tokens)
 
     monkeypatch.setattr(model_lib, "current_platform", lambda: "gpu")
     m = Transformer(ours)  # init's one-token trace takes XLA's path, not the kernels' tiles
@@ -253,6 +258,11 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
         lowering_platforms=("cuda",)).as_text()
     assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2 * 3
     assert "rmsnorm_rope_bwd" in text and "swiglu_bwd" in text
+    grouped = dataclasses.replace(cfg, mlp_impl="pallas_grouped")
+    text = jax.jit(jax.grad(lambda p, t: Transformer(grouped).apply(p, t).astype(
+        jnp.float32).mean())).trace(abstract, jax.ShapeDtypeStruct((8, 64), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("swiglu_bwd_stacked") >= 2 and "rmsnorm_rope_bwd" not in text
 
     monkeypatch.setattr(rmsnorm_gpu, "rms_norm_rope",
                         functools.partial(rmsnorm_gpu.rms_norm_rope, interpret=True))
@@ -260,6 +270,8 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
     grad = jax.grad(lambda p: _loss(ours, p, tokens))
     assert str(jax.make_jaxpr(grad)(params)).count("pallas_call") == 2 * 3
     _assert_same_loss_and_grads(ours, cfg, params, tokens)
+    monkeypatch.setattr(swiglu_gpu, "gated", functools.partial(swiglu_gpu.gated, interpret=True))
+    _assert_same_loss_and_grads(grouped, cfg, params, tokens)
 
     def mesh(*shape):
         return jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
@@ -273,6 +285,7 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
             jax.make_jaxpr(grad)(params)
         mlp_only = dataclasses.replace(cfg, mlp_impl="pallas")
         _assert_same_loss_and_grads(mlp_only, cfg, params, tokens)
+        _assert_same_loss_and_grads(grouped, cfg, params, tokens)
 
 
 @pytest.mark.parametrize("spec,x_shape,w_shape,contract", [
