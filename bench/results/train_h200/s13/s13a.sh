@@ -1,7 +1,7 @@
 #!/bin/bash
 # Session 13, call A: the SwiGLU backwards in the step at the accumulation proxy (global GB, micro MB,
 # remat none, bf16 logits; fp32 weight grads), each row its own process, in the order
-#   ctl, both, grouped, grouped, both, ctl
+#   ctl, both, grouped, [grouped, both,] ctl (the bracketed two only with ROWS=6, the default)
 # both = mlp_impl pallas + rope_impl pallas; grouped = mlp_impl pallas_grouped + rope_impl pallas.
 # First bench/swiglu.py --gated (the MLP's first half alone, three ways). H200: GB=32 MB=16 (default); H100: GB=16 MB=8.
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
@@ -15,7 +15,6 @@ GRP=",model.mlp_impl=pallas_grouped,model.rope_impl=pallas"
 run a1_ctl ""
 run a2_both "$BOTH"
 run a3_grp "$GRP"
-run a4_grp "$GRP"
-run a5_both "$BOTH"
+if [ "${ROWS:-6}" = 6 ]; then run a4_grp "$GRP"; run a5_both "$BOTH"; fi
 run a6_ctl ""
 grep -ho '"gemm_kernels": {[^}]*}' $OUT/*.json | sort | uniq -c
