@@ -63,12 +63,13 @@ def base_config() -> ml_collections.ConfigDict:
     # shard of rows); auto = pallas on GPUs where the mesh leaves the features whole, else xla
     m.norm_impl = "auto"
     # QK-norm + RoPE's backward: "xla", or "pallas" = one pass for both (rmsnorm_gpu.
-    # rms_norm_rope; GPUs, per shard of rows); auto = xla until measured on the H200
+    # rms_norm_rope; GPUs, per shard of rows); auto = pallas on GPUs where the mesh leaves the
+    # heads whole, else xla
     m.rope_impl = "auto"
     # SwiGLU's backward: "xla", or "pallas" = one pass writing dgate and dup (kernels/
     # swiglu_gpu.py; GPUs, per shard), or "pallas_grouped" = the same pass writing them as one
     # stacked cotangent, so gate/up's input and weight gradients are one GEMM each (swiglu_gpu.
-    # gated; matmul='xla'); auto = xla until measured on the H200
+    # gated; matmul='xla'); auto = pallas on GPUs where the activations are whole tiles, else xla
     m.mlp_impl = "auto"
     # dtype the weight-gradient GEMMs write: "float32" (a custom VJP asks the GEMM for fp32,
     # so accumulation over micro-batches and the data-parallel reduction sum unrounded

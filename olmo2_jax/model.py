@@ -188,16 +188,22 @@ def norm_impl(name: str) -> str:
 
 
 def _rope_impl(cfg: ModelConfig) -> str:
-    """Resolves config.model.rope_impl "auto": XLA until the fused backward is measured on
-    the H200 (docs/performance.md). "pallas" replaces QK-norm's backward whatever norm_impl
-    says (the kernel runs both backwards)."""
-    return "xla" if cfg.rope_impl == "auto" else cfg.rope_impl
+    """Resolves config.model.rope_impl "auto": the fused backward on GPUs (+0.4% alone, +0.5-1%
+    with mlp_impl's, in the 1B step on an H100: docs/performance.md, thirteenth session), XLA
+    elsewhere; RMSNorm keeps XLA where the mesh splits the heads. "pallas" replaces QK-norm's
+    backward whatever norm_impl says (the kernel runs both backwards)."""
+    if cfg.rope_impl == "auto":
+        return "pallas" if current_platform() == "gpu" else "xla"
+    return cfg.rope_impl
 
 
 def mlp_impl(cfg: ModelConfig) -> str:
-    """Resolves config.model.mlp_impl "auto": XLA until the one-pass SwiGLU backward is
-    measured on the H200 (docs/performance.md)."""
-    return "xla" if cfg.mlp_impl == "auto" else cfg.mlp_impl
+    """Resolves config.model.mlp_impl "auto": the one-pass SwiGLU backward on GPUs (+0.9% in
+    the 1B step on an H100; "pallas_grouped" was not faster there), XLA elsewhere; _swiglu
+    keeps XLA where the per-device activations are not whole tiles."""
+    if cfg.mlp_impl == "auto":
+        return "pallas" if current_platform() == "gpu" else "xla"
+    return cfg.mlp_impl
 
 
 def _names(entry) -> tuple[str, ...]:

@@ -119,7 +119,7 @@ def test_mgpu_matmul_model_matches_xla_and_compiles_each_gemm_once(monkeypatch, 
 
     cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
                       n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
-                      attention="xla", norm_impl="xla")
+                      attention="xla", norm_impl="xla", rope_impl="xla", mlp_impl="xla")
     mgpu = dataclasses.replace(cfg, matmul="mgpu")
     tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 256), 0, cfg.vocab_size)
     _, params = init(cfg)
@@ -147,7 +147,8 @@ def test_pallas_norm_model_matches_xla(monkeypatch):
 
     cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
                       n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
-                      attention="xla", remat="dots", norm_impl="xla")
+                      attention="xla", remat="dots", norm_impl="xla", rope_impl="xla",
+                      mlp_impl="xla")
     ours = dataclasses.replace(cfg, norm_impl="pallas")
     tokens = jax.random.randint(jax.random.PRNGKey(5), (2, 64), 0, cfg.vocab_size)
     _, params = init(cfg)
@@ -202,8 +203,9 @@ def _assert_same_loss_and_grads(cfg, cfg_ref, params, tokens):
 
 
 def test_pallas_norm_lowers_for_cuda_per_shard_on_a_mesh(monkeypatch):
-    """On a data x fsdp mesh the default norm_impl ('auto', on a GPU) lowers each norm's
-    backward as one Triton kernel inside a manual (shard_map) computation."""
+    """On a data x fsdp mesh the defaults ('auto', on a GPU) lower each norm's backward, QK-norm
+    + RoPE's and SwiGLU's as one Triton kernel each inside a manual (shard_map) computation:
+    per layer 2 norms, 2 QK-norms, 1 SwiGLU; plus the final norm."""
     import re
 
     from olmo2_jax import model as model_lib
@@ -219,7 +221,8 @@ def test_pallas_norm_lowers_for_cuda_per_shard_on_a_mesh(monkeypatch):
         text = jax.jit(jax.grad(lambda p, t: m.apply(p, t).astype(jnp.float32).mean())).trace(
             params, jax.ShapeDtypeStruct((8, 64), jnp.int32)).lower(
             lowering_platforms=("cuda",)).as_text()
-    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 9
+    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2 * 5 + 1
+    assert "rmsnorm_rope_bwd" in text and "swiglu_bwd" in text
     assert "sdy.manual_computation" in text or 'mhlo.sharding = "{manual}"' in text
 
 
@@ -229,8 +232,9 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
     GEMM outputs), on one device and per shard on a data x fsdp mesh; where the mesh splits
     the heads, rope 'pallas' names the fix and the MLP still runs per shard. mlp_impl
     'pallas_grouped' (stacked cotangent, one GEMM per gate/up gradient) likewise, the
-    tensor-split MLP included. Both lower for CUDA: one Triton call for each of QK-norm+RoPE
-    (x2) and SwiGLU per layer."""
+    tensor-split MLP included. 'auto' (the GPU default) takes both kernels, XLA's paths where
+    the tokens are no whole tiles, and the MLP's alone where the heads are split. Both lower
+    for CUDA: one Triton call for each of QK-norm+RoPE (x2) and SwiGLU per layer."""
     import re
 
     from kernels import rmsnorm_gpu, swiglu_gpu
@@ -238,7 +242,8 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
 
     cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
                       n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
-                      attention="xla", remat="dots", norm_impl="xla")
+                      attention="xla", remat="dots", norm_impl="xla", rope_impl="xla",
+                      mlp_impl="xla")
     ours = dataclasses.replace(cfg, rope_impl="pallas", mlp_impl="pallas")
     tokens = jax.random.randint(jax.random.PRNGKey(7), (2, 64), 0, cfg.vocab_size)
     _, params = init(cfg)
@@ -266,7 +271,13 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
                         functools.partial(rmsnorm_gpu.rms_norm_rope, interpret=True))
     monkeypatch.setattr(swiglu_gpu, "swiglu", functools.partial(swiglu_gpu.swiglu, interpret=True))
     grad = jax.grad(lambda p: _loss(ours, p, tokens))
-    assert str(jax.make_jaxpr(grad)(params)).count("pallas_call") == 2 * 3
+
+    def kernels(c, t):
+        return str(jax.make_jaxpr(jax.grad(lambda p: _loss(c, p, t)))(params)).count("pallas_call")
+
+    auto = dataclasses.replace(cfg, rope_impl="auto", mlp_impl="auto")  # the GPU default
+    assert kernels(ours, tokens) == kernels(auto, tokens) == 2 * 3
+    assert kernels(auto, tokens[:1, :3]) == 0  # 3 tokens are no whole tiles: XLA's paths
     _assert_same_loss_and_grads(ours, cfg, params, tokens)
     monkeypatch.setattr(swiglu_gpu, "gated", functools.partial(swiglu_gpu.gated, interpret=True))
     _assert_same_loss_and_grads(grouped, cfg, params, tokens)
@@ -281,6 +292,7 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
         with pytest.raises(ValueError, match="rope_impl='pallas': q_norm cannot run per shard, "
                                              "its features are split"):
             jax.make_jaxpr(grad)(params)
+        assert kernels(auto, tokens) == 2  # heads split: QK-norm+RoPE on XLA, SwiGLU per shard
         mlp_only = dataclasses.replace(cfg, mlp_impl="pallas")
         _assert_same_loss_and_grads(mlp_only, cfg, params, tokens)
         _assert_same_loss_and_grads(grouped, cfg, params, tokens)
