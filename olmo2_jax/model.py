@@ -182,6 +182,11 @@ def norm_impl(name: str) -> str:
     """Resolves config.model.norm_impl "auto": the one-pass Pallas backward on GPUs (+1.5-2%
     in the 1B step on the H200, docs/performance.md), XLA on TPUs and CPUs. RMSNorm still
     uses XLA for a norm whose features or sequence the mesh splits (_norm_rows)."""
+    return _pallas_on_gpu(name)
+
+
+def _pallas_on_gpu(name: str) -> str:
+    """An implementation option's "auto": the Pallas kernel on GPUs, XLA elsewhere."""
     if name == "auto":
         return "pallas" if current_platform() == "gpu" else "xla"
     return name
@@ -192,18 +197,14 @@ def _rope_impl(cfg: ModelConfig) -> str:
     with mlp_impl's, in the 1B step on an H100: docs/performance.md, thirteenth session), XLA
     elsewhere; RMSNorm keeps XLA where the mesh splits the heads. "pallas" replaces QK-norm's
     backward whatever norm_impl says (the kernel runs both backwards)."""
-    if cfg.rope_impl == "auto":
-        return "pallas" if current_platform() == "gpu" else "xla"
-    return cfg.rope_impl
+    return _pallas_on_gpu(cfg.rope_impl)
 
 
 def mlp_impl(cfg: ModelConfig) -> str:
     """Resolves config.model.mlp_impl "auto": the one-pass SwiGLU backward on GPUs (+0.9% in
     the 1B step on an H100; "pallas_grouped" was not faster there), XLA elsewhere; _swiglu
     keeps XLA where the per-device activations are not whole tiles."""
-    if cfg.mlp_impl == "auto":
-        return "pallas" if current_platform() == "gpu" else "xla"
-    return cfg.mlp_impl
+    return _pallas_on_gpu(cfg.mlp_impl)
 
 
 def _names(entry) -> tuple[str, ...]:
