@@ -19,12 +19,6 @@ XLA forward, and one backward pass that rotates dy back per head in registers (s
 from the positions) before the norm's backward. It removes XLA's RoPE-backward pass over dq
 and dk (8.6 ms per 32 sequences of the 1B step on the H200, tenth session) and the bf16
 round trip between the two backwards.
-
-`fused_forward=True` (model.norm_fwd_impl='pallas') also runs the forwards in one Pallas
-pass each: XLA's is two (the row reduction, then the elementwise pass that reads x again),
-so the kernel saves one read of x per norm. For the post-norms the residual add that
-follows them comes into the same pass (`residual=`: out = residual + norm(x)), else XLA
-would write the norm's output only to read it back for the add.
 """
 
 from __future__ import annotations
@@ -44,9 +38,6 @@ TUNING = {"rows": 8, "max_steps": 8, "min_programs": 264, "num_warps": 8}
 # the same for rms_norm_rope's backward, which holds both halves of each head in registers
 # (H100, bench/rmsnorm.py --sweep, 2026-12-06: 0.446 ms at 32,768 tokens, XLA's pair 0.571)
 ROPE_TUNING = {"rows": 4, "max_steps": 8, "min_programs": 264, "num_warps": 16}
-# the one-pass forwards (fused_forward=True); untuned first settings, bench/rmsnorm.py --sweep
-FWD_TUNING = {"rows": 8, "max_steps": 8, "min_programs": 264, "num_warps": 8}
-ROPE_FWD_TUNING = {"rows": 4, "max_steps": 8, "min_programs": 264, "num_warps": 8}
 
 
 def reference(x, scale, eps: float, dtype):
@@ -75,32 +66,23 @@ def rope_inv_freq(head_dim: int, theta: float):
 def supported(x_shape, scale_shape) -> bool:
     """Rows must split into whole steps, and Triton wants a power-of-two feature width."""
     D, M = math.prod(scale_shape), math.prod(x_shape) // max(1, math.prod(scale_shape))
-    return D >= 16 and D & (D - 1) == 0 and M % _rows(TUNING, FWD_TUNING) == 0
+    return D >= 16 and D & (D - 1) == 0 and M % TUNING["rows"] == 0
 
 
-def rms_norm(x, scale, eps: float, dtype=None, *, residual=None, fused_forward: bool = False,
-             row_axes=None, interpret: bool = False):
-    """RMSNorm over x's trailing `scale.ndim` dims; one-pass Pallas backward, and the forward
-    XLA's or (fused_forward) one Pallas pass.
+def rms_norm(x, scale, eps: float, dtype=None, *, row_axes=None, interpret: bool = False):
+    """RMSNorm over x's trailing `scale.ndim` dims; XLA forward, one-pass Pallas backward.
 
-    residual: if given, returns residual + norm(x) (the add in residual's dtype, as the
-    model's `x + norm(attn)` does), inside the kernel's pass when fused_forward.
     row_axes: the ambient mesh's axes that x's rows (its leading dims, flattened) are split
-    over; the kernels then run per shard under shard_map (None: one device, no mesh).
-    interpret: the kernels in Pallas' interpreter (CPU tests)."""
+    over; the backward then runs per shard under shard_map (None: one device, no mesh).
+    interpret: the kernel in Pallas' interpreter (CPU tests)."""
     if x.shape[x.ndim - scale.ndim:] != scale.shape:
         raise ValueError(f"rms_norm: scale {scale.shape} must match x's trailing dims {x.shape}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"rms_norm: residual {residual.shape} must match x {x.shape}")
     if not supported(x.shape, scale.shape):
         raise ValueError(f"rms_norm: x {x.shape} / scale {scale.shape}: the feature width must "
-                         f"be a power of two and the rows a multiple of {_rows(TUNING, FWD_TUNING)}; "
+                         f"be a power of two and the rows a multiple of {TUNING['rows']}; "
                          "use model.norm_impl='xla'")
-    args = (float(eps), jnp.dtype(dtype or x.dtype).name, bool(fused_forward), _axes(row_axes),
-            bool(interpret))
-    if residual is None:
-        return _rms_norm(x, scale, *args)
-    return _rms_norm_add(x, scale, residual, *args)
+    return _rms_norm(x, scale, float(eps), jnp.dtype(dtype or x.dtype).name,
+                     _axes(row_axes), bool(interpret))
 
 
 def _axes(row_axes) -> tuple[str, ...]:
@@ -108,140 +90,90 @@ def _axes(row_axes) -> tuple[str, ...]:
     return (row_axes,) if isinstance(row_axes, str) else tuple(row_axes or ())
 
 
-def _per_shard(fn, row_axes, specs, out_specs, *args):
-    """fn(*args), or under the ambient mesh one call per shard of rows (a pallas_call is opaque
-    to the SPMD partitioner). specs / out_specs: True for an array split by rows, False for
-    one that every shard holds whole (psum'd on the way out)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _rms_norm(x, scale, eps, dtype, row_axes, interpret):
+    return reference(x, scale, eps, dtype)
+
+
+def _fwd(x, scale, eps, dtype, row_axes, interpret):
+    return reference(x, scale, eps, dtype), (x, scale)
+
+
+def _bwd(eps, dtype, row_axes, interpret, res, dy):
+    x, scale = res
+    D = scale.size
+    args = (x.reshape(-1, D), dy.reshape(-1, D), scale.reshape(D))
     if not row_axes:
-        return fn(*args)
-    P = jax.sharding.PartitionSpec
+        dx, dscale = backward(*args, eps, interpret=interpret)
+    else:  # a pallas_call is opaque to the SPMD partitioner: one kernel per shard of rows
+        def local(x, dy, scale):
+            dx, dscale = backward(x, dy, scale, eps, interpret=interpret)
+            return dx, jax.lax.psum(dscale, row_axes)
 
-    def local(*a):
-        out = fn(*a)
-        return tuple(o if rows else jax.lax.psum(o, row_axes) for o, rows in zip(out, out_specs))
-
-    spec = lambda rows: P(row_axes) if rows else P()  # noqa: E731
-    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                         in_specs=tuple(map(spec, specs)), out_specs=tuple(map(spec, out_specs)),
-                         check_vma=False)(*args)
-
-
-def _norm_forward(x, scale, residual, eps, dtype, fused, row_axes, interpret):
-    """residual + norm(x) (residual None: norm(x)), XLA's two passes or (fused) our one."""
-    if not fused:
-        y = reference(x, scale, eps, dtype)
-        return y if residual is None else residual + y.astype(residual.dtype)
-    D = scale.size
-    flat = [x.reshape(-1, D)] + ([] if residual is None else [residual.reshape(-1, D)])
-    fn = lambda x, s, *r: (forward(x, s, eps, dtype, *r, interpret=interpret),)  # noqa: E731
-    y, = _per_shard(fn, row_axes, (True, False) + (True,) * len(flat[1:]), (True,),
-                    flat[0], scale.reshape(D), *flat[1:])
-    return y.reshape(x.shape)
-
-
-def _norm_backward(x, scale, dy, eps, row_axes, interpret):
-    D = scale.size
-    fn = lambda x, dy, s: backward(x, dy, s, eps, interpret=interpret)  # noqa: E731
-    dx, dscale = _per_shard(fn, row_axes, (True, True, False), (True, False),
-                            x.reshape(-1, D), dy.reshape(-1, D), scale.reshape(D))
+        rows = jax.sharding.PartitionSpec(row_axes, None)
+        dx, dscale = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                                   in_specs=(rows, rows, jax.sharding.PartitionSpec()),
+                                   out_specs=(rows, jax.sharding.PartitionSpec()),
+                                   check_vma=False)(*args)
     return dx.reshape(x.shape), dscale.reshape(scale.shape).astype(scale.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _rms_norm(x, scale, eps, dtype, fused, row_axes, interpret):
-    return _norm_forward(x, scale, None, eps, dtype, fused, row_axes, interpret)
-
-
-def _fwd(x, scale, eps, dtype, fused, row_axes, interpret):
-    return _norm_forward(x, scale, None, eps, dtype, fused, row_axes, interpret), (x, scale)
-
-
-def _bwd(eps, dtype, fused, row_axes, interpret, res, dy):
-    return _norm_backward(*res, dy, eps, row_axes, interpret)
 
 
 _rms_norm.defvjp(_fwd, _bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _rms_norm_add(x, scale, residual, eps, dtype, fused, row_axes, interpret):
-    return _norm_forward(x, scale, residual, eps, dtype, fused, row_axes, interpret)
-
-
-def _add_fwd(x, scale, residual, eps, dtype, fused, row_axes, interpret):
-    out = _norm_forward(x, scale, residual, eps, dtype, fused, row_axes, interpret)
-    return out, (x, scale)
-
-
-def _add_bwd(eps, dtype, fused, row_axes, interpret, res, dout):
-    dx, dscale = _norm_backward(*res, dout.astype(dtype), eps, row_axes, interpret)
-    return dx, dscale, dout
-
-
-_rms_norm_add.defvjp(_add_fwd, _add_bwd)
-
-
 def rms_norm_rope(x_BTNH, scale_NH, positions_BT, theta: float, eps: float, dtype=None, *,
-                  fused_forward: bool = False, row_axes=None, interpret: bool = False):
-    """apply_rope(RMSNorm over (heads, head_dim)): one-pass Pallas backward; the forward the
-    model's two XLA ops exactly or (fused_forward) one Pallas pass. row_axes, interpret: as
-    in rms_norm."""
+                  row_axes=None, interpret: bool = False):
+    """apply_rope(RMSNorm over (heads, head_dim)): XLA forward (the model's two ops exactly),
+    one-pass Pallas backward. row_axes, interpret: as in rms_norm."""
     B, T, N, H = x_BTNH.shape
     if scale_NH.shape != (N, H) or positions_BT.shape != (B, T):
         raise ValueError(f"rms_norm_rope: x {x_BTNH.shape} needs scale {(N, H)} (got "
                          f"{scale_NH.shape}) and positions {(B, T)} (got {positions_BT.shape})")
     if not rope_supported(x_BTNH.shape):
         raise ValueError(f"rms_norm_rope: x {x_BTNH.shape}: heads and head_dim / 2 must be "
-                         f"powers of two and the tokens a multiple of {_rows(ROPE_TUNING, ROPE_FWD_TUNING)}; "
-                         "use model.rope_impl='xla'")
+                         f"powers of two and the tokens a multiple of {ROPE_TUNING['rows']}; use "
+                         "model.rope_impl='xla'")
     return _rms_norm_rope(x_BTNH, scale_NH, positions_BT, float(theta), float(eps),
-                          jnp.dtype(dtype or x_BTNH.dtype).name, bool(fused_forward),
-                          _axes(row_axes), bool(interpret))
-
-
-def _rows(*tunings) -> int:
-    """The row count every kernel's steps divide (backward and forward)."""
-    return math.lcm(*(t["rows"] for t in tunings))
+                          jnp.dtype(dtype or x_BTNH.dtype).name, _axes(row_axes),
+                          bool(interpret))
 
 
 def rope_supported(x_shape) -> bool:
     *rows, N, H = x_shape
     H2 = H // 2
     return (H % 2 == 0 and H2 >= 16 and H2 & (H2 - 1) == 0 and N & (N - 1) == 0
-            and math.prod(rows) % _rows(ROPE_TUNING, ROPE_FWD_TUNING) == 0)
+            and math.prod(rows) % ROPE_TUNING["rows"] == 0)
 
 
-def _rope_args(x, positions, theta):
-    """x as (tokens, heads, head_dim), positions as (tokens,) int32, RoPE's frequencies."""
-    (N, H), M = x.shape[2:], x.shape[0] * x.shape[1]
-    return x.reshape(M, N, H), positions.reshape(M).astype(jnp.int32), rope_inv_freq(H, theta)
+def _rope_reference(x, scale, positions, theta, eps, dtype):
+    return apply_rope(reference(x, scale, eps, dtype), positions, theta)
 
 
-def _rope_forward(x, scale, positions, theta, eps, dtype, fused, row_axes, interpret):
-    if not fused:
-        return apply_rope(reference(x, scale, eps, dtype), positions, theta)
-    x_MNH, pos, freq = _rope_args(x, positions, theta)
-    fn = lambda x, s, p, f: (rope_forward(x, s, p, f, eps, dtype, interpret=interpret),)  # noqa: E731
-    y, = _per_shard(fn, row_axes, (True, False, True, False), (True,), x_MNH, scale, pos, freq)
-    return y.reshape(x.shape)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _rms_norm_rope(x, scale, positions, theta, eps, dtype, row_axes, interpret):
+    return _rope_reference(x, scale, positions, theta, eps, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _rms_norm_rope(x, scale, positions, theta, eps, dtype, fused, row_axes, interpret):
-    return _rope_forward(x, scale, positions, theta, eps, dtype, fused, row_axes, interpret)
+def _rope_fwd(x, scale, positions, theta, eps, dtype, row_axes, interpret):
+    return _rope_reference(x, scale, positions, theta, eps, dtype), (x, scale, positions)
 
 
-def _rope_fwd(x, scale, positions, theta, eps, dtype, fused, row_axes, interpret):
-    y = _rope_forward(x, scale, positions, theta, eps, dtype, fused, row_axes, interpret)
-    return y, (x, scale, positions)
-
-
-def _rope_bwd(theta, eps, dtype, fused, row_axes, interpret, res, dy):
+def _rope_bwd(theta, eps, dtype, row_axes, interpret, res, dy):
     x, scale, positions = res
-    x_MNH, pos, freq = _rope_args(x, positions, theta)
-    fn = lambda x, dy, s, p, f: rope_backward(x, dy, s, p, f, eps, interpret=interpret)  # noqa: E731
-    dx, dscale = _per_shard(fn, row_axes, (True, True, False, True, False), (True, False),
-                            x_MNH, dy.astype(x.dtype).reshape(x_MNH.shape), scale, pos, freq)
+    (N, H), M = x.shape[2:], x.shape[0] * x.shape[1]
+    args = (x.reshape(M, N, H), dy.astype(x.dtype).reshape(M, N, H), scale,
+            positions.reshape(M).astype(jnp.int32), rope_inv_freq(H, theta))
+    if not row_axes:
+        dx, dscale = rope_backward(*args, eps, interpret=interpret)
+    else:  # one kernel per shard of rows, as in _bwd
+        def local(x, dy, scale, pos, inv_freq):
+            dx, dscale = rope_backward(x, dy, scale, pos, inv_freq, eps, interpret=interpret)
+            return dx, jax.lax.psum(dscale, row_axes)
+
+        P = jax.sharding.PartitionSpec
+        dx, dscale = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
+                                   in_specs=(P(row_axes), P(row_axes), P(), P(row_axes), P()),
+                                   out_specs=(P(row_axes), P()), check_vma=False)(*args)
     dpos = np.zeros(positions.shape, jax.dtypes.float0)  # integer input: no cotangent
     return dx.reshape(x.shape), dscale.astype(scale.dtype), dpos
 
@@ -357,91 +289,3 @@ def backward(x, dy, scale, eps: float, *, interpret: bool = False):
         name="rmsnorm_bwd",
     )(x, dy, scale)
     return dx, jnp.sum(part, axis=0)
-
-
-def _fwd_kernel(x_ref, scale_ref, *refs, eps, rows, steps, dtype):
-    *res_ref, y_ref = refs
-    base = pl.program_id(0) * steps * rows
-    scale = scale_ref[...].astype(jnp.float32)
-
-    def body(i, carry):
-        r = pl.ds(base + i * rows, rows)
-        x = x_ref[r, :].astype(jnp.float32)
-        rstd = lax.rsqrt(jnp.mean(x * x, axis=1) + eps)
-        y = (scale[None, :] * (x * rstd[:, None])).astype(dtype)
-        if res_ref:  # the model's `residual + norm(x)`: the norm rounded to dtype, then the add
-            y = y.astype(jnp.float32) + res_ref[0][r, :].astype(jnp.float32)
-        y_ref[r, :] = y.astype(y_ref.dtype)
-        return carry
-
-    lax.fori_loop(0, steps, body, 0)
-
-
-def forward(x, scale, eps: float, dtype, residual=None, *, interpret: bool = False):
-    """norm(x) in `dtype` for x (M, D) and scale (D,), or with residual (M, D):
-    residual + norm(x) in residual's dtype; one read of x (and residual), one write."""
-    (M, D), rows = x.shape, FWD_TUNING["rows"]
-    steps = _steps(M // rows, FWD_TUNING)
-    out_dtype = jnp.dtype(dtype) if residual is None else residual.dtype
-    whole = pl.BlockSpec((M, D), lambda i: (0, 0))
-    kernel = functools.partial(_fwd_kernel, eps=eps, rows=rows, steps=steps,
-                               dtype=jnp.dtype(dtype))
-    return pl.pallas_call(
-        kernel,
-        grid=(M // (rows * steps),),
-        in_specs=[whole, pl.BlockSpec((D,), lambda i: (0,))] + [whole] * (residual is not None),
-        out_specs=whole,
-        out_shape=jax.ShapeDtypeStruct((M, D), out_dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=FWD_TUNING["num_warps"], num_stages=1),
-        interpret=interpret,
-        name="rmsnorm_fwd" if residual is None else "rmsnorm_add_fwd",
-    )(x, scale, *([] if residual is None else [residual]))
-
-
-def _rope_fwd_kernel(x_ref, scale_ref, pos_ref, freq_ref, y_ref, *, eps, rows, steps, dtype):
-    N, H = scale_ref.shape
-    H2 = H // 2
-    lo, hi = pl.ds(0, H2), pl.ds(H2, H2)
-    base = pl.program_id(0) * steps * rows
-    s1 = scale_ref[:, lo].astype(jnp.float32)[None]
-    s2 = scale_ref[:, hi].astype(jnp.float32)[None]
-    freq = freq_ref[...]
-
-    def body(i, carry):
-        r = pl.ds(base + i * rows, rows)
-        x1 = x_ref[r, :, lo].astype(jnp.float32)
-        x2 = x_ref[r, :, hi].astype(jnp.float32)
-        ss = jnp.sum(jnp.sum(x1 * x1 + x2 * x2, axis=2), axis=1)
-        rstd = lax.rsqrt(ss / (N * H) + eps)[:, None, None]
-        # the norm rounded to dtype, as the model's RMSNorm hands it to RoPE
-        n1 = (s1 * (x1 * rstd)).astype(dtype).astype(jnp.float32)
-        n2 = (s2 * (x2 * rstd)).astype(dtype).astype(jnp.float32)
-        angles = pos_ref[r].astype(jnp.float32)[:, None] * freq[None, :]
-        sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
-        y_ref[r, :, lo] = (n1 * cos - n2 * sin).astype(y_ref.dtype)
-        y_ref[r, :, hi] = (n2 * cos + n1 * sin).astype(y_ref.dtype)
-        return carry
-
-    lax.fori_loop(0, steps, body, 0)
-
-
-def rope_forward(x, scale, positions, inv_freq, eps: float, dtype, *, interpret: bool = False):
-    """apply_rope(norm(x)) in `dtype` for x (M, N, H), scale (N, H), positions (M,) and
-    RoPE's inverse frequencies (H / 2,): one read of x, one write."""
-    (M, N, H), rows = x.shape, ROPE_FWD_TUNING["rows"]
-    steps = _steps(M // rows, ROPE_FWD_TUNING)
-    whole = pl.BlockSpec((M, N, H), lambda i: (0, 0, 0))
-    kernel = functools.partial(_rope_fwd_kernel, eps=eps, rows=rows, steps=steps,
-                               dtype=jnp.dtype(dtype))
-    return pl.pallas_call(
-        kernel,
-        grid=(M // (rows * steps),),
-        in_specs=[whole, pl.BlockSpec((N, H), lambda i: (0, 0)),
-                  pl.BlockSpec((M,), lambda i: (0,)), pl.BlockSpec((H // 2,), lambda i: (0,))],
-        out_specs=whole,
-        out_shape=jax.ShapeDtypeStruct((M, N, H), jnp.dtype(dtype)),
-        compiler_params=plgpu.CompilerParams(num_warps=ROPE_FWD_TUNING["num_warps"],
-                                             num_stages=1),
-        interpret=interpret,
-        name="rmsnorm_rope_fwd",
-    )(x, scale, positions, inv_freq)

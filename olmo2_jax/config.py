@@ -24,7 +24,6 @@ MATMUL_IMPLS = ("xla", "mgpu")
 NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_IMPLS = ("auto", "xla", "pallas")
 MLP_IMPLS = ("auto", "xla", "pallas", "pallas_grouped")
-NORM_FWD_IMPLS = ("auto", "xla", "pallas")
 WEIGHT_GRAD_DTYPES = ("auto", "float32", "bfloat16")
 LOSS_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -72,10 +71,6 @@ def base_config() -> ml_collections.ConfigDict:
     # stacked cotangent, so gate/up's input and weight gradients are one GEMM each (swiglu_gpu.
     # gated; matmul='xla'); auto = pallas on GPUs where the activations are whole tiles, else xla
     m.mlp_impl = "auto"
-    # the forwards of the norms whose backward is Pallas (norm_impl / rope_impl): "xla" (two
-    # passes: the row reduction, then the elementwise pass), or "pallas" = one pass, the
-    # post-norms' residual add included (rmsnorm_gpu fused_forward); auto = xla
-    m.norm_fwd_impl = "auto"
     # dtype the weight-gradient GEMMs write: "float32" (a custom VJP asks the GEMM for fp32,
     # so accumulation over micro-batches and the data-parallel reduction sum unrounded
     # products, as the fused loss's LM-head dW already does) or "bfloat16" (plain autodiff:
@@ -238,11 +233,6 @@ def validate(c, num_devices: int | None = None) -> None:
          f"config.model.rope_impl={m.rope_impl!r}: choose one of {ROPE_IMPLS}")
     need(m.mlp_impl in MLP_IMPLS,
          f"config.model.mlp_impl={m.mlp_impl!r}: choose one of {MLP_IMPLS}")
-    need(m.norm_fwd_impl in NORM_FWD_IMPLS,
-         f"config.model.norm_fwd_impl={m.norm_fwd_impl!r}: choose one of {NORM_FWD_IMPLS}")
-    need(m.norm_fwd_impl != "pallas" or (m.norm_impl, m.rope_impl) != ("xla", "xla"),
-         "config.model.norm_fwd_impl='pallas' replaces the forward of the norms whose backward "
-         "is Pallas, and norm_impl = rope_impl = 'xla' leaves none; set them to 'auto'")
     need(m.mlp_impl != "pallas_grouped" or m.matmul == "xla",
          "config.model.mlp_impl='pallas_grouped' runs the gate/up GEMMs through XLA, "
          f"matmul={m.matmul!r} runs them itself; use mlp_impl='pallas' or matmul='xla'")

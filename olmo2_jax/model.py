@@ -91,7 +91,6 @@ class ModelConfig:
     norm_impl: str = "auto"
     rope_impl: str = "auto"
     mlp_impl: str = "auto"
-    norm_fwd_impl: str = "auto"
     weight_grad_dtype: str = "auto"
 
     @classmethod
@@ -104,8 +103,7 @@ class ModelConfig:
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
             param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers, remat=m.remat,
             attention=m.attention, matmul=m.matmul, norm_impl=m.norm_impl,
-            rope_impl=m.rope_impl, mlp_impl=m.mlp_impl, norm_fwd_impl=m.norm_fwd_impl,
-            weight_grad_dtype=m.weight_grad_dtype)
+            rope_impl=m.rope_impl, mlp_impl=m.mlp_impl, weight_grad_dtype=m.weight_grad_dtype)
 
 
 def _init(cfg: ModelConfig):
@@ -122,53 +120,40 @@ class RMSNorm(nn.Module):
     """RMSNorm over the trailing `len(axes)` dims, in fp32, weight only (no bias).
 
     positions (QK-norm): RoPE follows the norm, with the backwards of both in one Pallas pass
-    where cfg.rope_impl resolves to "pallas" (rmsnorm_gpu.rms_norm_rope).
-    residual (the post-norms): returns residual + norm(x), in one pass with the norm's
-    forward where cfg.norm_fwd_impl resolves to "pallas"."""
+    where cfg.rope_impl resolves to "pallas" (rmsnorm_gpu.rms_norm_rope)."""
 
     cfg: ModelConfig
     axes: tuple[str, ...] = ("embed",)
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array | None = None,
-                 residual: Array | None = None) -> Array:
+    def __call__(self, x: Array, positions: Array | None = None) -> Array:
         cfg = self.cfg
         scale = _param(self, "scale", x.shape[-len(self.axes):], self.axes,
                        nn.initializers.ones)
-        # init traces tiny shapes (and needs no backward): the kernels are for apply
-        kernels = not self.is_initializing()
-        fused = norm_fwd_impl(cfg) == "pallas"
-        if positions is not None and _rope_impl(cfg) == "pallas" and kernels:
+        # init traces tiny shapes (and needs no backward): the kernel is for apply
+        if positions is not None and _rope_impl(cfg) == "pallas" and not self.is_initializing():
             row_axes, shards, why = split_rows(self.axes)
             shard_shape = (x.shape[0] // shards, *x.shape[1:])
             if why is None and rmsnorm_gpu.rope_supported(shard_shape):
                 _need_gpu("rope_impl")
-                y = rmsnorm_gpu.rms_norm_rope(x, scale, positions, cfg.rope_theta, cfg.norm_eps,
-                                              cfg.dtype, fused_forward=fused, row_axes=row_axes)
-                return y if residual is None else residual + y
+                return rmsnorm_gpu.rms_norm_rope(x, scale, positions, cfg.rope_theta,
+                                                 cfg.norm_eps, cfg.dtype, row_axes=row_axes)
             if cfg.rope_impl == "pallas":
                 raise ValueError(f"config.model.rope_impl='pallas': {self.name} cannot run per "
                                  f"shard, {why or f'its shard {shard_shape} is not whole tiles'}; "
                                  "use rope_impl='auto'")
-        if norm_impl(cfg.norm_impl) == "pallas" and kernels:
+        y = None
+        if norm_impl(cfg.norm_impl) == "pallas":
             row_axes, shards, why = split_rows(self.axes)
             if why is None and rmsnorm_gpu.supported((x.size // shards,), scale.shape):
                 _need_gpu("norm_impl")
-                if positions is not None:  # RoPE in XLA after the norm (rope_impl='xla')
-                    y = rmsnorm_gpu.rms_norm(x, scale, cfg.norm_eps, cfg.dtype,
-                                             fused_forward=fused, row_axes=row_axes)
-                    y = apply_rope(y, positions, cfg.rope_theta)
-                    return y if residual is None else residual + y
-                return rmsnorm_gpu.rms_norm(x, scale, cfg.norm_eps, cfg.dtype, residual=residual,
-                                            fused_forward=fused, row_axes=row_axes)
-            if why is not None and cfg.norm_impl == "pallas":
+                y = rmsnorm_gpu.rms_norm(x, scale, cfg.norm_eps, cfg.dtype, row_axes=row_axes)
+            elif why is not None and cfg.norm_impl == "pallas":
                 raise ValueError(f"config.model.norm_impl='pallas': {self.name} cannot run per "
                                  f"shard, {why}; use norm_impl='auto' (XLA for this norm)")
-        # the same forward the kernels' custom_vjps run, so every path agrees
-        y = rmsnorm_gpu.reference(x, scale, cfg.norm_eps, cfg.dtype)
-        if positions is not None:
-            y = apply_rope(y, positions, cfg.rope_theta)
-        return y if residual is None else residual + y
+        if y is None:  # the same forward the kernel's custom_vjp runs, so both paths agree
+            y = rmsnorm_gpu.reference(x, scale, cfg.norm_eps, cfg.dtype)
+        return y if positions is None else apply_rope(y, positions, cfg.rope_theta)
 
 
 def _need_gpu(key: str, value: str = "pallas"):
@@ -220,13 +205,6 @@ def mlp_impl(cfg: ModelConfig) -> str:
     the 1B step on an H100; "pallas_grouped" was not faster there), XLA elsewhere; _swiglu
     keeps XLA where the per-device activations are not whole tiles."""
     return _pallas_on_gpu(cfg.mlp_impl)
-
-
-def norm_fwd_impl(cfg: ModelConfig) -> str:
-    """Resolves config.model.norm_fwd_impl "auto": XLA's two-pass forwards (the one-pass Pallas
-    forwards are not yet measured in the step). "pallas" applies to the norms whose backward
-    runs in Pallas (norm_impl / rope_impl); the others keep XLA's forward."""
-    return "xla" if cfg.norm_fwd_impl == "auto" else cfg.norm_fwd_impl
 
 
 def _names(entry) -> tuple[str, ...]:
@@ -525,9 +503,9 @@ class Block(nn.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache=None, slots=None):
         attn, new_kv = Attention(self.cfg, name="attn")(x_BTD, positions_BT, segment_ids_BT,
                                                         kv_cache, slots)
-        h = RMSNorm(self.cfg, name="post_attention_norm")(attn, residual=x_BTD)
+        h = x_BTD + RMSNorm(self.cfg, name="post_attention_norm")(attn)
         mlp = MLP(self.cfg, name="mlp")(h)
-        out = RMSNorm(self.cfg, name="post_mlp_norm")(mlp, residual=h)
+        out = h + RMSNorm(self.cfg, name="post_mlp_norm")(mlp)
         out = nn.with_logical_constraint(out, ("batch", "seq", "embed"))
         return out, new_kv  # (carry, per-layer output) as nn.scan expects
 

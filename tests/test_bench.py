@@ -151,27 +151,20 @@ def test_gemm_bench_rows_for_our_kernel_in_each_layout(xla_gemms):
 
 
 def test_rmsnorm_bench_checks_then_times_both(capsys):
-    """bench/rmsnorm on the CPU through Pallas' interpreter: XLA's and our rows per shape (our
-    backward, and our backward + one-pass forward), ours checked against XLA's forward, dx and
-    dscale first; the sweeps restore the tunings."""
+    """bench/rmsnorm on the CPU through Pallas' interpreter: XLA's and our rows per shape,
+    ours checked against XLA's forward, dx and dscale first."""
     from bench import rmsnorm
 
-    impls = ["xla", "ours", "ours_fwd"]
     rows = rmsnorm.bench_shape("qk_norm", (16, 4, 16), (4, 16), interpret=True)
-    assert [r["impl"] for r in rows] == impls
-    assert all(r["ms"] > 0 and r["fwd_ms"] > 0 for r in rows)
-    assert max(rows[1]["max_rel_err"] + rows[2]["max_rel_err"]) < 1e-2
-    rows = rmsnorm.bench_shape("post_norm_add", (16, 64), (64,), interpret=True)
-    assert [r["impl"] for r in rows] == impls and max(rows[2]["max_rel_err"]) < 1e-2
-    saved = dict(rmsnorm.rmsnorm_gpu.TUNING), dict(rmsnorm.rmsnorm_gpu.FWD_TUNING)
+    assert [r["impl"] for r in rows] == ["xla", "ours"] and all(r["ms"] > 0 for r in rows)
+    assert max(rows[1]["max_rel_err"]) < 1e-2
+    saved = dict(rmsnorm.rmsnorm_gpu.TUNING)
     swept = rmsnorm.sweep("qk_norm", (16, 4, 16), (4, 16), interpret=True)
     assert len(swept) == 24 and {r["tuning"]["rows"] for r in swept} == {2, 4, 8, 16}
-    swept = rmsnorm.sweep("post_norm_add", (16, 64), (64,), interpret=True, fwd=True)
-    assert len(swept) == 24 and {r["impl"] for r in swept} == {"ours_fwd"}
-    assert (rmsnorm.rmsnorm_gpu.TUNING, rmsnorm.rmsnorm_gpu.FWD_TUNING) == saved
+    assert rmsnorm.rmsnorm_gpu.TUNING == saved
     rows = rmsnorm.bench_rope(16, interpret=True)  # QK-norm + RoPE: XLA's pair, then ours
-    assert [r["impl"] for r in rows] == impls and rows[0]["x"] == [1, 16, 16, 128]
-    assert max(rows[1]["max_rel_err"] + rows[2]["max_rel_err"]) < 1e-2
+    assert [r["impl"] for r in rows] == ["xla", "ours"] and rows[0]["x"] == [1, 16, 16, 128]
+    assert max(rows[1]["max_rel_err"]) < 1e-2
 
 
 def test_swiglu_bench_checks_then_times_both():

@@ -45,10 +45,6 @@ def tiny():
      "config.model.mlp_impl='pallas_grouped' runs the gate/up GEMMs through XLA"),
     (dict(model=dict(rope_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
      "config.model.rope_impl='pallas' needs config.mesh.tensor=1"),
-    (dict(model=dict(norm_fwd_impl="triton")), None,
-     "config.model.norm_fwd_impl='triton': choose one of"),
-    (dict(model=dict(norm_fwd_impl="pallas", norm_impl="xla", rope_impl="xla")), None,
-     "config.model.norm_fwd_impl='pallas' replaces the forward of the norms whose backward"),
 ])
 def test_validation_errors_are_clear(change, devices, message):
     c = tiny()

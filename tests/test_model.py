@@ -298,54 +298,6 @@ def test_fused_rope_and_swiglu_backwards_match_xla(monkeypatch):
         _assert_same_loss_and_grads(grouped, cfg, params, tokens)
 
 
-def test_one_pass_norm_forwards_match_xla(monkeypatch):
-    """model.norm_fwd_impl='pallas' (kernels in Pallas' interpreter): every norm whose backward
-    is Pallas also runs its forward in one pass, the post-norms' residual add included; the
-    logits match XLA's path to bf16 rounding and the gradients too, on one device and per shard
-    on a data x fsdp mesh. 'auto' keeps XLA's forwards; for CUDA the step (remat none) is one
-    Triton call per norm each way."""
-    import re
-
-    from kernels import rmsnorm_gpu
-    from olmo2_jax import model as model_lib
-
-    cfg = ModelConfig(vocab_size=512, padded_vocab_size=512, d_model=256, n_layers=2, n_heads=2,
-                      n_kv_heads=2, head_dim=128, mlp_hidden=512, scan_layers=False,
-                      attention="xla", remat="dots", norm_impl="xla", rope_impl="xla",
-                      mlp_impl="xla")
-    back = dataclasses.replace(cfg, norm_impl="pallas", rope_impl="pallas")
-    ours = dataclasses.replace(back, norm_fwd_impl="pallas")
-    tokens = jax.random.randint(jax.random.PRNGKey(8), (2, 64), 0, cfg.vocab_size)
-    _, params = init(cfg)
-    monkeypatch.setattr(model_lib, "current_platform", lambda: "gpu")
-    m = Transformer(dataclasses.replace(ours, remat="none"))
-    abstract = jax.eval_shape(lambda: m.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    text = jax.jit(jax.grad(lambda p, t: m.apply(p, t).astype(jnp.float32).mean())).trace(
-        abstract, jax.ShapeDtypeStruct((8, 64), jnp.int32)).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert len(re.findall(r"custom_call @__gpu\$xla\.gpu\.triton", text)) == 2 * (2 * 4 + 1)
-    for name in ("rmsnorm_add_fwd", "rmsnorm_rope_fwd", "rmsnorm_fwd"):
-        assert name in text
-
-    for fn in ("rms_norm", "rms_norm_rope"):
-        monkeypatch.setattr(rmsnorm_gpu, fn, functools.partial(getattr(rmsnorm_gpu, fn),
-                                                               interpret=True))
-
-    def kernels(c, t=tokens):
-        return str(jax.make_jaxpr(lambda p: Transformer(c).apply({"params": p}, t))(params)).count(
-            "pallas_call")
-
-    auto = dataclasses.replace(back, norm_fwd_impl="auto")
-    assert kernels(ours) == 2 * 4 + 1 and kernels(auto) == 0
-    logits, ref = (np.asarray(jax.jit(lambda p, c=c: Transformer(c).apply({"params": p}, tokens))(
-        params), np.float32) for c in (ours, cfg))
-    assert np.max(np.abs(logits - ref)) <= 0.01 * np.max(np.abs(ref))  # bf16 ulps, 2 layers
-    _assert_same_loss_and_grads(ours, cfg, params, tokens)
-    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4, 1), sharding.MESH_AXES)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-        _assert_same_loss_and_grads(ours, cfg, params, tokens.reshape(8, 16))
-
-
 @pytest.mark.parametrize("spec,x_shape,w_shape,contract", [
     ("BTD,DF->BTF", (2, 32, 64), (64, 96), 1),
     ("BTD,DNH->BTNH", (2, 32, 64), (64, 4, 16), 1),
