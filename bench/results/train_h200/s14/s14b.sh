@@ -5,7 +5,7 @@
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONUNBUFFERED=1
 V="train.micro_batch_size=16,model.remat=none,train.loss_logits_dtype=bfloat16"
-timeout ${T:-300} python3 bench/train_step.py --config=configs/1b.py --seq=4096 --steps=2 --warmup=1 \
+timeout ${T:-300} python3 bench/train_step.py --config=configs/1b.py --seq=4096 --steps=${STEPS:-2} --warmup=1 \
   --transformers=compile --variant=b1_main:$V --out=$OUT/b1_main_hf.json > $OUT/b1_main_hf.log 2>&1
 tail -4 $OUT/b1_main_hf.log | cut -c1-330
 nvidia-smi --query-gpu=name,power.limit --format=csv
