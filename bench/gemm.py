@@ -13,7 +13,13 @@ input gradient, tn: weight gradient) against XLA's GEMM in the same layout, over
 its TUNING, and at nt's best setting with c added in its epilogue (nt+c: the input-gradient
 sums) against XLA's GEMM + add. `swiglu` rows time XLA's unfused forward silu(x Wg) * (x Wu)
 against its two GEMMs alone: the difference is what a GEMM with the product in its epilogue
-could save per layer.
+could save per layer. `wgrad` rows time the weight-gradient GEMM dW = x^T dy (contracting the
+tokens) the ways the step can write it: bf16 output, fp32 output, fp32 output added to a
+gradient-accumulation buffer (what `model.weight_grad_dtype='float32'` runs: cuBLAS's beta = 1),
+the bf16 output widened and added in a pass of its own, and each of those with the operands
+swapped (dW^T = dy^T x, transposed back), beside the forward GEMM of the same FLOPs: in the
+1B step the fp32 dW GEMMs ran 8% below the forward ones (docs/performance.md, fourteenth
+session).
 """
 
 from __future__ import annotations
@@ -173,6 +179,58 @@ def bench_swiglu(m):
             "with_product_ms": round(t_s * 1e3, 4), "product_ms": round((t_s - t_g) * 1e3, 4)}
 
 
+WGRAD = {"attn_proj": (D, D), "mlp_up": (D, F), "mlp_down": (F, D)}
+
+
+def _wgrad_variants():
+    """name -> f(x (tokens, d_in), dy (tokens, d_out), acc (d_in, d_out) fp32) -> fp32-sized
+    result; every variant computes the same dW (the "+ acc" ones plus acc)."""
+    dw = lambda x, dy, t: jnp.einsum("tf,td->fd" if t else "td,tf->df", *((dy, x) if t else (x, dy)),
+                                     preferred_element_type=jnp.float32)
+    dw16 = lambda x, dy, t: jnp.einsum("tf,td->fd" if t else "td,tf->df", *((dy, x) if t else (x, dy)))
+    back = lambda y, t: y.T if t else y
+    out = {}
+    for t, tag in ((False, ""), (True, "_swapped")):
+        out["bf16" + tag] = lambda x, dy, acc, t=t: back(dw16(x, dy, t), t)
+        out["f32" + tag] = lambda x, dy, acc, t=t: back(dw(x, dy, t), t)
+        out["f32_acc" + tag] = lambda x, dy, acc, t=t: acc + back(dw(x, dy, t), t)
+        out["bf16_widen_acc" + tag] = lambda x, dy, acc, t=t: acc + back(dw16(x, dy, t), t).astype(
+            jnp.float32)
+    return out
+
+
+def bench_wgrad(m):
+    """The weight-gradient GEMM's variants (see the module docstring) at M = m tokens, each
+    against the forward GEMM x @ w of the same FLOPs, with and without XLA's Triton GEMMs."""
+    rows = []
+    for name, (k, n) in WGRAD.items():
+        ka, kb, kc = jax.random.split(jax.random.key(3), 3)
+        x = jax.random.normal(ka, (m, k), jnp.bfloat16)
+        dy = jax.random.normal(kb, (m, n), jnp.bfloat16)
+        acc = jax.random.normal(kc, (k, n), jnp.float32)
+        w = acc.astype(jnp.bfloat16)
+        flops = 2.0 * m * k * n
+        ref = jnp.einsum("td,tf->df", x, dy, preferred_element_type=jnp.float32)
+        fwd = jax.jit(lambda x, w: x @ w)
+        t = time_fn(fwd, (x, w))
+        rows.append({"shape": "wgrad_" + name, "variant": "forward x @ w", "mkn": [m, k, n],
+                     "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1)})
+        for triton in (True, False):
+            for v, f in _wgrad_variants().items():
+                g = jax.jit(f).lower(x, dy, acc).compile(
+                    {"xla_gpu_enable_triton_gemm": triton} if jax.devices()[0].platform == "gpu"
+                    else None)
+                got = g(x, dy, acc) - (acc if "acc" in v else 0)
+                err = rel_err(got, ref)
+                t = time_fn(g, (x, dy, acc))
+                rows.append({"shape": "wgrad_" + name, "variant": v, "triton_gemm": triton,
+                             "mkn": [m, k, n], "ms": round(t * 1e3, 4),
+                             "tflops": round(flops / t / 1e12, 1), "max_rel_err": round(err, 5)})
+            if jax.devices()[0].platform != "gpu":
+                break
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--impls", default="xla,mgpu,ours", help="comma list of xla, mgpu, ours")
@@ -183,7 +241,7 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     impls, wanted = set(a.impls.split(",")), a.shapes.split(",")
-    known = [*shapes(a.tokens), "swiglu"]
+    known = [*shapes(a.tokens), "swiglu", "wgrad"]
     if unknown := [w for w in wanted if w not in known]:
         ap.error(f"--shapes: unknown {unknown}; choose from {known}")
     if not impls <= {"xla", "mgpu", "ours"}:
@@ -197,6 +255,8 @@ def main():
                 yield from bench_shape(name, m, k, n, impls, a.quick)
         if "swiglu" in wanted:
             yield bench_swiglu(a.tokens)
+        if "wgrad" in wanted:
+            yield from bench_wgrad(a.tokens)
 
     report(rows(), a.out, tokens=a.tokens)
 

@@ -101,6 +101,31 @@ def test_gemm_bench_times_the_steps_shapes_and_refuses_mgpu_off_gpu(tmp_path, mo
     assert "need a Hopper GPU" in capsys.readouterr().err
 
 
+def test_gemm_bench_wgrad_variants_compute_the_same_weight_gradient(tmp_path, monkeypatch):
+    """Every way the bench writes dW = x^T dy (bf16/fp32 output, + an fp32 accumulator,
+    operands swapped) gives x^T dy; the fp32 ones to fp32 rounding."""
+    import json
+    import sys
+
+    from bench import gemm
+
+    out = tmp_path / "wgrad.json"
+    monkeypatch.setattr(gemm, "WGRAD", {"attn_proj": (64, 64), "mlp_up": (64, 256),
+                                        "mlp_down": (256, 64)})
+    monkeypatch.setattr(sys, "argv", ["gemm.py", "--impls=xla", "--tokens=32",
+                                      "--shapes=wgrad", f"--out={out}"])
+    gemm.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["shape"] for r in rows} == {"wgrad_attn_proj", "wgrad_mlp_up", "wgrad_mlp_down"}
+    by = {(r["shape"], r["variant"]): r for r in rows}
+    assert len(by) == 3 * 9  # forward + 8 variants per shape (one Triton setting off GPUs)
+    for (shape, variant), r in by.items():
+        if variant.startswith("f32"):
+            assert r["max_rel_err"] < 1e-5, (shape, variant, r)
+        elif variant != "forward x @ w":
+            assert r["max_rel_err"] < 1e-2, (shape, variant, r)
+
+
 def test_lower_cuda_counts_the_kernels_a_gpu_compile_builds(monkeypatch, capsys):
     """One layer, model.matmul=mgpu: 21 GEMM calls (7 weights x forward, input and weight
     gradients) share 11 distinct Mosaic kernels, each built once on the GPU."""
