@@ -121,61 +121,6 @@ def _bwd(eps, dtype, row_axes, interpret, res, dy):
 _rms_norm.defvjp(_fwd, _bwd)
 
 
-def residual_rms_norm(residual, x, scale, eps: float, dtype=None, *, row_axes=None,
-                      interpret: bool = False):
-    """residual + rms_norm(x, scale): OLMo 2's post-norm sums, the same forward.
-
-    Why: the sum's cotangent dy is read twice, by the norm's backward and as the residual's
-    cotangent, which XLA then adds to the input-gradient GEMMs of the layer below. A value
-    with two users cannot be the C that XLA's cuBLAS GEMM overwrites (beta = 1), so XLA ran
-    that sum as a pass of its own, two per layer (`add_any`, 1.2% of the 1B step on an H100,
-    docs/performance.md, fourteenth session). Here the norm's kernel hands dy back as an
-    output that is dy's own buffer (aliased, never written: no copy, no pass), used once."""
-    out_dtype = jnp.result_type(residual.dtype, jnp.dtype(dtype or x.dtype))
-    if residual.shape != x.shape or residual.dtype != out_dtype:
-        raise ValueError(f"residual_rms_norm: residual {residual.shape} {residual.dtype} must "
-                         f"match x {x.shape} and the sum's dtype {out_dtype}; use "
-                         "residual + rms_norm(x, ...)")
-    if x.shape[x.ndim - scale.ndim:] != scale.shape or not supported(x.shape, scale.shape):
-        raise ValueError(f"residual_rms_norm: x {x.shape} / scale {scale.shape}: scale must "
-                         "match x's trailing dims, the feature width be a power of two and the "
-                         f"rows a multiple of {TUNING['rows']}; use model.norm_impl='xla'")
-    return _residual_rms_norm(residual, x, scale, float(eps), jnp.dtype(dtype or x.dtype).name,
-                              _axes(row_axes), bool(interpret))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _residual_rms_norm(residual, x, scale, eps, dtype, row_axes, interpret):
-    return residual + reference(x, scale, eps, dtype)
-
-
-def _res_fwd(residual, x, scale, eps, dtype, row_axes, interpret):
-    return residual + reference(x, scale, eps, dtype), (x, scale)
-
-
-def _res_bwd(eps, dtype, row_axes, interpret, res, dy):
-    x, scale = res
-    D = scale.size
-    args = (x.reshape(-1, D), dy.reshape(-1, D), scale.reshape(D))
-    if not row_axes:
-        dx, dscale, dres = backward(*args, eps, interpret=interpret, pass_dy=True)
-    else:  # per shard of rows, as _bwd
-        def local(x, dy, scale):
-            dx, dscale, dres = backward(x, dy, scale, eps, interpret=interpret, pass_dy=True)
-            return dx, jax.lax.psum(dscale, row_axes), dres
-
-        rows = jax.sharding.PartitionSpec(row_axes, None)
-        dx, dscale, dres = jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(),
-                                         in_specs=(rows, rows, jax.sharding.PartitionSpec()),
-                                         out_specs=(rows, jax.sharding.PartitionSpec(), rows),
-                                         check_vma=False)(*args)
-    return (dres.reshape(dy.shape), dx.reshape(x.shape),
-            dscale.reshape(scale.shape).astype(scale.dtype))
-
-
-_residual_rms_norm.defvjp(_res_fwd, _res_bwd)
-
-
 def rms_norm_rope(x_BTNH, scale_NH, positions_BT, theta: float, eps: float, dtype=None, *,
                   row_axes=None, interpret: bool = False):
     """apply_rope(RMSNorm over (heads, head_dim)): XLA forward (the model's two ops exactly),
@@ -306,8 +251,7 @@ def _steps(chunks: int, tuning=None) -> int:
     return s
 
 
-def _bwd_kernel(x_ref, dy_ref, scale_ref, dx_ref, part_ref, *dy_alias, eps, rows, steps):
-    # dy_alias (residual_rms_norm): an output that is dy's own buffer, never written
+def _bwd_kernel(x_ref, dy_ref, scale_ref, dx_ref, part_ref, *, eps, rows, steps):
     base = pl.program_id(0) * steps * rows
     scale = scale_ref[...].astype(jnp.float32)
 
@@ -325,25 +269,23 @@ def _bwd_kernel(x_ref, dy_ref, scale_ref, dx_ref, part_ref, *dy_alias, eps, rows
     part_ref[...] = lax.fori_loop(0, steps, body, jnp.zeros(scale.shape, jnp.float32))
 
 
-def backward(x, dy, scale, eps: float, *, interpret: bool = False, pass_dy: bool = False):
-    """(dx, dscale) of rms_norm for x, dy (M, D) and scale (D,); dx in x's dtype, dscale fp32.
-    pass_dy: also return dy itself, as an output that aliases dy's buffer (residual_rms_norm)."""
+def backward(x, dy, scale, eps: float, *, interpret: bool = False):
+    """(dx, dscale) of rms_norm for x, dy (M, D) and scale (D,); dx in x's dtype, dscale fp32."""
     (M, D), rows = x.shape, TUNING["rows"]
     steps = _steps(M // rows)
     programs = M // (rows * steps)
     kernel = functools.partial(_bwd_kernel, eps=eps, rows=rows, steps=steps)
-    whole = pl.BlockSpec((M, D), lambda i: (0, 0))
-    outs = pl.pallas_call(
+    dx, part = pl.pallas_call(
         kernel,
         grid=(programs,),
-        in_specs=[whole, whole, pl.BlockSpec((D,), lambda i: (0,))],
-        out_specs=[whole, pl.BlockSpec((None, D), lambda i: (i, 0))] + [whole] * pass_dy,
+        in_specs=[pl.BlockSpec((M, D), lambda i: (0, 0)), pl.BlockSpec((M, D), lambda i: (0, 0)),
+                  pl.BlockSpec((D,), lambda i: (0,))],
+        out_specs=[pl.BlockSpec((M, D), lambda i: (0, 0)),
+                   pl.BlockSpec((None, D), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((M, D), x.dtype),
-                   jax.ShapeDtypeStruct((programs, D), jnp.float32)]
-        + [jax.ShapeDtypeStruct(dy.shape, dy.dtype)] * pass_dy,
-        input_output_aliases={1: 2} if pass_dy else {},
+                   jax.ShapeDtypeStruct((programs, D), jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=TUNING["num_warps"], num_stages=1),
         interpret=interpret,
         name="rmsnorm_bwd",
     )(x, dy, scale)
-    return (outs[0], jnp.sum(outs[1], axis=0), *outs[2:])
+    return dx, jnp.sum(part, axis=0)

@@ -22,7 +22,6 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 MATMUL_IMPLS = ("xla", "mgpu")
 NORM_IMPLS = ("auto", "xla", "pallas")
-POST_NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_IMPLS = ("auto", "xla", "pallas")
 MLP_IMPLS = ("auto", "xla", "pallas", "pallas_grouped")
 WEIGHT_GRAD_DTYPES = ("auto", "float32", "bfloat16")
@@ -63,11 +62,6 @@ def base_config() -> ml_collections.ConfigDict:
     # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; GPUs, per
     # shard of rows); auto = pallas on GPUs where the mesh leaves the features whole, else xla
     m.norm_impl = "auto"
-    # The post-norms' residual sums (h = x + norm(attn), out = h + norm(mlp)): "xla" (a plain
-    # add), or "pallas" = the norm's one-pass backward also hands the residual's cotangent back
-    # as its own aliased output, so XLA folds each sum into the next input-gradient GEMM
-    # (rmsnorm_gpu.residual_rms_norm; GPUs, per shard of rows); auto = xla until measured
-    m.post_norm_impl = "auto"
     # QK-norm + RoPE's backward: "xla", or "pallas" = one pass for both (rmsnorm_gpu.
     # rms_norm_rope; GPUs, per shard of rows); auto = pallas on GPUs where the mesh leaves the
     # heads whole, else xla
@@ -235,8 +229,6 @@ def validate(c, num_devices: int | None = None) -> None:
          "the compute dtype); use weight_grad_dtype='auto' or matmul='xla'")
     need(m.norm_impl in NORM_IMPLS,
          f"config.model.norm_impl={m.norm_impl!r}: choose one of {NORM_IMPLS}")
-    need(m.post_norm_impl in POST_NORM_IMPLS,
-         f"config.model.post_norm_impl={m.post_norm_impl!r}: choose one of {POST_NORM_IMPLS}")
     need(m.rope_impl in ROPE_IMPLS,
          f"config.model.rope_impl={m.rope_impl!r}: choose one of {ROPE_IMPLS}")
     need(m.mlp_impl in MLP_IMPLS,

@@ -89,7 +89,6 @@ class ModelConfig:
     attention: str = "auto"
     matmul: str = "xla"
     norm_impl: str = "auto"
-    post_norm_impl: str = "auto"
     rope_impl: str = "auto"
     mlp_impl: str = "auto"
     weight_grad_dtype: str = "auto"
@@ -104,8 +103,7 @@ class ModelConfig:
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
             param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers, remat=m.remat,
             attention=m.attention, matmul=m.matmul, norm_impl=m.norm_impl,
-            post_norm_impl=m.post_norm_impl, rope_impl=m.rope_impl, mlp_impl=m.mlp_impl,
-            weight_grad_dtype=m.weight_grad_dtype)
+            rope_impl=m.rope_impl, mlp_impl=m.mlp_impl, weight_grad_dtype=m.weight_grad_dtype)
 
 
 def _init(cfg: ModelConfig):
@@ -128,29 +126,10 @@ class RMSNorm(nn.Module):
     axes: tuple[str, ...] = ("embed",)
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array | None = None,
-                 residual: Array | None = None) -> Array:
-        """norm(x), RoPE'd at `positions` if given (QK-norm), or residual + norm(x) (the
-        post-norms; model.post_norm_impl)."""
+    def __call__(self, x: Array, positions: Array | None = None) -> Array:
         cfg = self.cfg
         scale = _param(self, "scale", x.shape[-len(self.axes):], self.axes,
                        nn.initializers.ones)
-        if residual is None:
-            return self._norm(x, scale, positions)
-        if post_norm_impl(cfg) == "pallas" and not self.is_initializing():
-            _need_gpu("post_norm_impl")
-            row_axes, shards, why = split_rows(self.axes)
-            if why is None and not rmsnorm_gpu.supported((x.size // shards,), scale.shape):
-                why = f"its shard of {x.size // shards} values is not whole tiles"
-            if why is not None:
-                raise ValueError(f"config.model.post_norm_impl='pallas': {self.name} cannot run "
-                                 f"per shard, {why}; use post_norm_impl='auto'")
-            return rmsnorm_gpu.residual_rms_norm(residual, x, scale, cfg.norm_eps, cfg.dtype,
-                                                 row_axes=row_axes)
-        return residual + self._norm(x, scale, None)
-
-    def _norm(self, x: Array, scale: Array, positions: Array | None) -> Array:
-        cfg = self.cfg
         # init traces tiny shapes (and needs no backward): the kernel is for apply
         if positions is not None and _rope_impl(cfg) == "pallas" and not self.is_initializing():
             row_axes, shards, why = split_rows(self.axes)
@@ -204,12 +183,6 @@ def norm_impl(name: str) -> str:
     in the 1B step on the H200, docs/performance.md), XLA on TPUs and CPUs. RMSNorm still
     uses XLA for a norm whose features or sequence the mesh splits (_norm_rows)."""
     return _pallas_on_gpu(name)
-
-
-def post_norm_impl(cfg: ModelConfig) -> str:
-    """Resolves config.model.post_norm_impl "auto": "xla" (the residual sums as plain adds)
-    until the handoff is measured in the step on a GPU (docs/performance.md)."""
-    return "xla" if cfg.post_norm_impl == "auto" else cfg.post_norm_impl
 
 
 def _pallas_on_gpu(name: str) -> str:
@@ -530,9 +503,9 @@ class Block(nn.Module):
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache=None, slots=None):
         attn, new_kv = Attention(self.cfg, name="attn")(x_BTD, positions_BT, segment_ids_BT,
                                                         kv_cache, slots)
-        h = RMSNorm(self.cfg, name="post_attention_norm")(attn, residual=x_BTD)
+        h = x_BTD + RMSNorm(self.cfg, name="post_attention_norm")(attn)
         mlp = MLP(self.cfg, name="mlp")(h)
-        out = RMSNorm(self.cfg, name="post_mlp_norm")(mlp, residual=h)
+        out = h + RMSNorm(self.cfg, name="post_mlp_norm")(mlp)
         out = nn.with_logical_constraint(out, ("batch", "seq", "embed"))
         return out, new_kv  # (carry, per-layer output) as nn.scan expects
 

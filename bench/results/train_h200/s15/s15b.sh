@@ -1,4 +1,5 @@
 #!/bin/bash
+# Runs at commit 90ceb5d (model.post_norm_impl was removed in the next commit: not a lever).
 # Session 15, call B: model.post_norm_impl (the post-norms' residual cotangent handed back by the
 # norm kernel as an aliased output, so XLA folds the residual sums into the input-gradient
 # GEMMs) against today's defaults, at the accumulation proxy (global GB, micro MB, remat none,
