@@ -185,16 +185,17 @@ WGRAD = {"attn_proj": (D, D), "mlp_up": (D, F), "mlp_down": (F, D)}
 def _wgrad_variants():
     """name -> f(x (tokens, d_in), dy (tokens, d_out), acc (d_in, d_out) fp32) -> fp32-sized
     result; every variant computes the same dW (the "+ acc" ones plus acc)."""
-    dw = lambda x, dy, t: jnp.einsum("tf,td->fd" if t else "td,tf->df", *((dy, x) if t else (x, dy)),
-                                     preferred_element_type=jnp.float32)
-    dw16 = lambda x, dy, t: jnp.einsum("tf,td->fd" if t else "td,tf->df", *((dy, x) if t else (x, dy)))
-    back = lambda y, t: y.T if t else y
+    def dw(x, dy, swapped, f32):  # swapped: dW^T = dy^T x, transposed back
+        kw = {"preferred_element_type": jnp.float32} if f32 else {}
+        return (jnp.einsum("tf,td->fd", dy, x, **kw).T if swapped
+                else jnp.einsum("td,tf->df", x, dy, **kw))
+
     out = {}
     for t, tag in ((False, ""), (True, "_swapped")):
-        out["bf16" + tag] = lambda x, dy, acc, t=t: back(dw16(x, dy, t), t)
-        out["f32" + tag] = lambda x, dy, acc, t=t: back(dw(x, dy, t), t)
-        out["f32_acc" + tag] = lambda x, dy, acc, t=t: acc + back(dw(x, dy, t), t)
-        out["bf16_widen_acc" + tag] = lambda x, dy, acc, t=t: acc + back(dw16(x, dy, t), t).astype(
+        out["bf16" + tag] = lambda x, dy, acc, t=t: dw(x, dy, t, False)
+        out["f32" + tag] = lambda x, dy, acc, t=t: dw(x, dy, t, True)
+        out["f32_acc" + tag] = lambda x, dy, acc, t=t: acc + dw(x, dy, t, True)
+        out["bf16_widen_acc" + tag] = lambda x, dy, acc, t=t: acc + dw(x, dy, t, False).astype(
             jnp.float32)
     return out
 
@@ -202,7 +203,8 @@ def _wgrad_variants():
 def bench_wgrad(m):
     """The weight-gradient GEMM's variants (see the module docstring) at M = m tokens, each
     against the forward GEMM x @ w of the same FLOPs, with and without XLA's Triton GEMMs."""
-    rows = []
+    rows, variants = [], _wgrad_variants()
+    on_gpu = jax.devices()[0].platform == "gpu"
     for name, (k, n) in WGRAD.items():
         ka, kb, kc = jax.random.split(jax.random.key(3), 3)
         x = jax.random.normal(ka, (m, k), jnp.bfloat16)
@@ -215,19 +217,16 @@ def bench_wgrad(m):
         t = time_fn(fwd, (x, w))
         rows.append({"shape": "wgrad_" + name, "variant": "forward x @ w", "mkn": [m, k, n],
                      "ms": round(t * 1e3, 4), "tflops": round(flops / t / 1e12, 1)})
-        for triton in (True, False):
-            for v, f in _wgrad_variants().items():
+        for triton in (True, False) if on_gpu else (True,):
+            for v, f in variants.items():
                 g = jax.jit(f).lower(x, dy, acc).compile(
-                    {"xla_gpu_enable_triton_gemm": triton} if jax.devices()[0].platform == "gpu"
-                    else None)
+                    {"xla_gpu_enable_triton_gemm": triton} if on_gpu else None)
                 got = g(x, dy, acc) - (acc if "acc" in v else 0)
                 err = rel_err(got, ref)
                 t = time_fn(g, (x, dy, acc))
                 rows.append({"shape": "wgrad_" + name, "variant": v, "triton_gemm": triton,
                              "mkn": [m, k, n], "ms": round(t * 1e3, 4),
                              "tflops": round(flops / t / 1e12, 1), "max_rel_err": round(err, 5)})
-            if jax.devices()[0].platform != "gpu":
-                break
     return rows
 
 
