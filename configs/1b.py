@@ -21,5 +21,10 @@ def get_config():
     # Sized for v5p:2x2x1 (4 chips) (launch/aot_compile.py, docs/performance.md); on one
     # H200 use --config.train.micro_batch_size=16 (docs/performance.md).
     c.train.micro_batch_size = 32
+    # GPUs: every GEMM on cuBLAS from the start (XLA's autotuner picks cuBLAS for all 339 of this
+    # step's anyway), so the residual's cotangent sums fold into the input-gradient GEMMs
+    # (model.input_grad_sum): no add pass left; 65.5k against 65.2-65.4k tokens/s on an H100,
+    # within noise (docs/performance.md, sixteenth session)
+    c.train.gpu_triton_gemm = False
     c.checkpoint.every_steps = 1000
     return c

@@ -25,6 +25,7 @@ NORM_IMPLS = ("auto", "xla", "pallas")
 ROPE_IMPLS = ("auto", "xla", "pallas")
 MLP_IMPLS = ("auto", "xla", "pallas", "pallas_grouped")
 WEIGHT_GRAD_DTYPES = ("auto", "float32", "bfloat16")
+INPUT_GRAD_SUMS = ("auto", "autodiff", "gemm")
 LOSS_IMPLS = ("auto", "xla", "pallas")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -77,6 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
     # dW rounded to the compute dtype, then cast); auto = float32. matmul='xla' only (the
     # mgpu kernels write the compute dtype)
     m.weight_grad_dtype = "auto"
+    # How the residual stream's cotangent is summed over the skip and the q/k/v (gate/up)
+    # input gradients: "autodiff" (jax's add_any chain: XLA's GEMM rewriter folds only some
+    # adds into the GEMMs), or "gemm" = a custom VJP starting the sum at the skip's
+    # cotangent so that each input-gradient GEMM takes the running sum as its C (model.
+    # fork_dense_group: with train.gpu_triton_gemm=False no add pass is left); matmul='xla'
+    # only; auto = gemm on GPUs, else autodiff
+    m.input_grad_sum = "auto"
 
     c.data = d = ml_collections.ConfigDict()
     d.paths = ""  # comma-separated raw uint32 token files (globs ok); "" = embedded corpus
@@ -108,7 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (Pallas where it can run on GPUs, XLA elsewhere).
     t.loss_impl = "auto"
     # GPUs: let XLA fuse GEMMs with their neighbours into Triton kernels (XLA's default).
-    # False sends every GEMM to cuBLAS (docs/performance.md, eleventh session).
+    # False sends every GEMM to cuBLAS from the start, where XLA's GEMM rewriter can fold the
+    # residual's cotangent sums into them as their C (model.input_grad_sum; docs/
+    # performance.md, eleventh and sixteenth sessions)
     t.gpu_triton_gemm = True
     t.seed = 0
     t.log_every = 10
@@ -227,6 +237,11 @@ def validate(c, num_devices: int | None = None) -> None:
     need(m.matmul != "mgpu" or m.weight_grad_dtype != "float32",
          "config.model.weight_grad_dtype='float32' needs matmul='xla' (the mgpu kernels write "
          "the compute dtype); use weight_grad_dtype='auto' or matmul='xla'")
+    need(m.input_grad_sum in INPUT_GRAD_SUMS,
+         f"config.model.input_grad_sum={m.input_grad_sum!r}: choose one of {INPUT_GRAD_SUMS}")
+    need(m.input_grad_sum != "gemm" or m.matmul == "xla",
+         "config.model.input_grad_sum='gemm' builds on XLA's GEMMs, matmul='mgpu' sums the "
+         "group's input gradients in its own kernels; use input_grad_sum='auto' or matmul='xla'")
     need(m.norm_impl in NORM_IMPLS,
          f"config.model.norm_impl={m.norm_impl!r}: choose one of {NORM_IMPLS}")
     need(m.rope_impl in ROPE_IMPLS,

@@ -92,6 +92,7 @@ class ModelConfig:
     rope_impl: str = "auto"
     mlp_impl: str = "auto"
     weight_grad_dtype: str = "auto"
+    input_grad_sum: str = "auto"
 
     @classmethod
     def from_config(cls, m) -> "ModelConfig":
@@ -103,7 +104,8 @@ class ModelConfig:
             norm_eps=m.norm_eps, init_std=m.init_std, dtype=jnp.dtype(m.dtype),
             param_dtype=jnp.dtype(m.param_dtype), scan_layers=m.scan_layers, remat=m.remat,
             attention=m.attention, matmul=m.matmul, norm_impl=m.norm_impl,
-            rope_impl=m.rope_impl, mlp_impl=m.mlp_impl, weight_grad_dtype=m.weight_grad_dtype)
+            rope_impl=m.rope_impl, mlp_impl=m.mlp_impl, weight_grad_dtype=m.weight_grad_dtype,
+            input_grad_sum=m.input_grad_sum)
 
 
 def _init(cfg: ModelConfig):
@@ -306,6 +308,63 @@ def dense_group(specs: tuple[str, ...], x: Array, ws: tuple[Array, ...], cfg: Mo
     return tuple(dense(spec, x, w, cfg) for spec, w in zip(specs, ws))
 
 
+def input_grad_sum(cfg: ModelConfig) -> str:
+    """Resolves config.model.input_grad_sum "auto": "gemm" on GPUs (cuBLAS takes a C
+    operand), "autodiff" elsewhere."""
+    if cfg.input_grad_sum != "auto":
+        return cfg.input_grad_sum
+    return "gemm" if current_platform() == "gpu" else "autodiff"
+
+
+def fork_dense_group(specs: tuple[str, ...], x: Array, ws: tuple[Array, ...], cfg: ModelConfig):
+    """(x, *dense_group(specs, x, ws, cfg)): the group's GEMMs plus x itself for the
+    residual's skip connection, so that x has one user and its cotangent is summed here.
+
+    Autodiff sums a residual's cotangent as add(add(skip, dx_1), dx_2)...; XLA's GPU GEMM
+    rewriter folds an add into a GEMM as its C (beta = 1) only while that GEMM has none, and
+    it tries the running sum (a GEMM with C) first, so each q/k/v or gate/up group keeps one
+    add pass of its own. With input_grad_sum "gemm" the backward here writes each term as
+    `dy_i @ w_i^T + running sum`, starting at the skip's cotangent, and every add folds (the
+    optimised HLO of the 1B step: no add left, 5 GEMMs with C per layer), once the GEMMs reach
+    that rewriter as dots (train.gpu_triton_gemm=False; XLA's Triton GEMM fusions take them
+    first and the adds become loop fusions). Same forward; the gradients differ only in bf16
+    rounding order (on the CPU, bit for bit with fp32 weight gradients)."""
+    if input_grad_sum(cfg) != "gemm" or cfg.matmul != "xla":
+        return (x, *dense_group(specs, x, ws, cfg))
+    return _fork_dense(specs, weight_grad_dtype(cfg) == "float32", x, ws)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fork_dense(specs, f32_dw, x, ws):
+    return _fork_dense_fwd(specs, f32_dw, x, ws)[0]
+
+
+def _fork_dense_fwd(specs, f32_dw, x, ws):
+    wcs = tuple(w.astype(x.dtype) for w in ws)
+    ys = tuple(jnp.einsum(spec, x, wc) for spec, wc in zip(specs, wcs))
+    # ws ride along only for their dtypes (they are the live fp32 masters: nothing saved)
+    return (x, *ys), (x, wcs, ws)
+
+
+def _fork_dense_bwd(specs, f32_dw, res, cts):
+    x, wcs, ws = res
+    dx, dys = cts[0].astype(x.dtype), cts[1:]
+    dws = []
+    # last to first, as autodiff adds them: on the CPU the same sums, bit for bit
+    for spec, wc, w, dy in reversed(tuple(zip(specs, wcs, ws, dys))):
+        lhs, rest = spec.split(",")
+        rhs, out = rest.split("->")
+        dy = dy.astype(x.dtype)
+        dx = jnp.einsum(f"{out},{rhs}->{lhs}", dy, wc) + dx  # the new GEMM first: see above
+        dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, dy,
+                        preferred_element_type=jnp.float32 if f32_dw else None)
+        dws.append(dw.astype(w.dtype))
+    return dx, tuple(reversed(dws))
+
+
+_fork_dense.defvjp(_fork_dense_fwd, _fork_dense_bwd)
+
+
 def _pallas_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT):
     """The Pallas kernel, run per shard (batch/heads) under the ambient mesh, if any.
 
@@ -404,16 +463,19 @@ class Attention(nn.Module):
     def __call__(self, x_BTD: Array, positions_BT: Array, segment_ids_BT: Array | None,
                  kv_cache=None, slots=None):
         """Training / full forward when `slots` is None; else decoding with a KV cache
-        (`slots` = (index, start_B), see `cached_attention`). Returns (out, new k/v or None)."""
+        (`slots` = (index, start_B), see `cached_attention`). Returns (out, new k/v or None,
+        x_BTD for the residual's skip: `fork_dense_group`)."""
         cfg, dt = self.cfg, self.cfg.dtype
         N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
         wq = _param(self, "q_proj", (D, N, H), ("embed", "heads", "head_dim"), _init(cfg))
         wk = _param(self, "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), _init(cfg))
         wv = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), _init(cfg))
         wo = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"), _init(cfg))
-        x = x_BTD.astype(dt)
-        q, k, v = dense_group(("BTD,DNH->BTNH", "BSD,DKH->BSKH", "BSD,DKH->BSKH"), x,
-                              (wq, wk, wv), cfg)
+        specs = ("BTD,DNH->BTNH", "BSD,DKH->BSKH", "BSD,DKH->BSKH")
+        if x_BTD.dtype == dt:
+            skip, q, k, v = fork_dense_group(specs, x_BTD, (wq, wk, wv), cfg)
+        else:
+            skip, (q, k, v) = x_BTD, dense_group(specs, x_BTD.astype(dt), (wq, wk, wv), cfg)
         # Full-width QK-norm: normalise over (heads, head_dim) together, then RoPE.
         q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q, positions_BT)
         k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k, positions_BT)
@@ -427,11 +489,12 @@ class Attention(nn.Module):
             out = cached_attention(q, k, v, kv_cache, *slots, impl=cfg.decode_attention)
             new_kv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))  # cache layout BKTH
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
-        return dense("BTNH,NHD->BTD", out, wo, cfg, contract=2), new_kv
+        return dense("BTNH,NHD->BTD", out, wo, cfg, contract=2), new_kv, skip
 
 
 class MLP(nn.Module):
-    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down, no biases."""
+    """SwiGLU: (silu(x W_gate) * (x W_up)) W_down, no biases. Returns (out, x_BTD for the
+    residual's skip: `fork_dense_group`)."""
 
     cfg: ModelConfig
 
@@ -442,15 +505,18 @@ class MLP(nn.Module):
         w_gate = _param(self, "gate_proj", (D, F), ("embed", "mlp"), _init(cfg))
         w_up = _param(self, "up_proj", (D, F), ("embed", "mlp"), _init(cfg))
         w_down = _param(self, "down_proj", (F, D), ("mlp", "embed"), _init(cfg))
-        x = x_BTD.astype(dt)
+        specs = ("BTD,DF->BTF", "BTD,DF->BTF")
         if mlp_impl(cfg) == "pallas_grouped" and cfg.matmul == "xla" and not self.is_initializing():
-            h = _gated_grouped(x, w_gate, w_up, cfg)
+            skip, h = x_BTD, _gated_grouped(x_BTD.astype(dt), w_gate, w_up, cfg)
         else:
-            gate, up = dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x, (w_gate, w_up), cfg)
+            if x_BTD.dtype == dt:
+                skip, gate, up = fork_dense_group(specs, x_BTD, (w_gate, w_up), cfg)
+            else:
+                skip, (gate, up) = x_BTD, dense_group(specs, x_BTD.astype(dt), (w_gate, w_up), cfg)
             h = _swiglu(gate, up, cfg, self.is_initializing())
         h = checkpoint_name(h, "mlp_hidden")
         h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
-        return dense("BTF,FD->BTD", h, w_down, cfg)
+        return dense("BTF,FD->BTD", h, w_down, cfg), skip
 
 
 def _mlp_shards(cfg: ModelConfig, shape) -> tuple[Any, tuple[int, ...]]:
@@ -501,11 +567,13 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, segment_ids_BT, kv_cache=None, slots=None):
-        attn, new_kv = Attention(self.cfg, name="attn")(x_BTD, positions_BT, segment_ids_BT,
-                                                        kv_cache, slots)
-        h = x_BTD + RMSNorm(self.cfg, name="post_attention_norm")(attn)
-        mlp = MLP(self.cfg, name="mlp")(h)
-        out = h + RMSNorm(self.cfg, name="post_mlp_norm")(mlp)
+        # the skips are x_BTD and h, handed back by the blocks that project them (see
+        # fork_dense_group: the residual's cotangent is then summed inside their GEMMs)
+        attn, new_kv, x_skip = Attention(self.cfg, name="attn")(x_BTD, positions_BT,
+                                                                segment_ids_BT, kv_cache, slots)
+        h = x_skip + RMSNorm(self.cfg, name="post_attention_norm")(attn)
+        mlp, h_skip = MLP(self.cfg, name="mlp")(h)
+        out = h_skip + RMSNorm(self.cfg, name="post_mlp_norm")(mlp)
         out = nn.with_logical_constraint(out, ("batch", "seq", "embed"))
         return out, new_kv  # (carry, per-layer output) as nn.scan expects
 

@@ -357,3 +357,61 @@ def test_fp32_weight_grads_model_matches_autodiff_and_remat_saves_the_gemms():
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 2), sharding.MESH_AXES)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         _assert_same_loss_and_grads(ours, cfg, params, tokens)
+
+
+def _residual_sums(cfg, params, tokens):
+    """The backward's sums of [B, T, d_model] arrays: (primitive, is operand 0 a GEMM, is
+    operand 1 one) for each add in the gradient's jaxpr, custom-VJP backwards inlined."""
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p: _loss(cfg, p, tokens)))(params).jaxpr
+    made_by = {v: e.primitive.name for e in jaxpr.eqns for v in e.outvars}
+    shape = (*tokens.shape, cfg.d_model)
+    return [(e.primitive.name, *(made_by.get(v) == "dot_general" for v in e.invars))
+            for e in jaxpr.eqns
+            if e.primitive.name in ("add", "add_any") and e.outvars[0].aval.shape == shape
+            and any(made_by.get(v) == "dot_general" for v in e.invars)]
+
+
+@pytest.mark.parametrize("weight_grad_dtype", ["float32", "bfloat16"])
+def test_gemm_input_grad_sums_match_autodiff_bit_for_bit(weight_grad_dtype, monkeypatch):
+    """input_grad_sum='gemm' (fork_dense_group): the residual's cotangent is summed in the
+    q/k/v and gate/up groups' custom VJP, each step `GEMM + running sum` (a form XLA's GPU
+    rewriter folds into the GEMM as its C), where autodiff adds `running sum + GEMM` through
+    add_any. The same loss and gradients bit for bit on the CPU (same sums, same order; bf16
+    weight gradients to 1 ulp), on one device and on a data x fsdp mesh; 'auto' resolves to it
+    on GPUs only."""
+    from olmo2_jax import model as model_lib
+
+    cfg = dataclasses.replace(TINY, dtype=jnp.bfloat16, remat="none", scan_layers=False,
+                              attention="xla", norm_impl="xla", rope_impl="xla", mlp_impl="xla",
+                              weight_grad_dtype=weight_grad_dtype, input_grad_sum="autodiff")
+    ours = dataclasses.replace(cfg, input_grad_sum="gemm")
+    tokens = jax.random.randint(jax.random.PRNGKey(8), (8, 16), 0, cfg.vocab_size)
+    _, params = init(cfg)
+
+    sums = {c.input_grad_sum: _residual_sums(c, params, tokens) for c in (cfg, ours)}
+    per_layer = 3 + 2  # q/k/v's and gate/up's input gradients
+    assert len(sums["autodiff"]) == len(sums["gemm"]) == per_layer * cfg.n_layers
+    assert all(s == ("add", True, False) for s in sums["gemm"])
+    # autodiff: the first of each group's sums adds a GEMM to the skip, the rest put the sum first
+    assert sum(s == ("add_any", False, True) for s in sums["autodiff"]) == per_layer * cfg.n_layers
+
+    grad = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
+    for mesh_shape in (None, (2, 4, 1)):
+        if mesh_shape is None:
+            (l_ref, g_ref), (l, g) = grad(cfg, params, tokens), grad(ours, params, tokens)
+        else:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(mesh_shape),
+                                     sharding.MESH_AXES)
+            with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+                (l_ref, g_ref), (l, g) = grad(cfg, params, tokens), grad(ours, params, tokens)
+        np.testing.assert_array_equal(l, l_ref)
+        if weight_grad_dtype == "float32":
+            jax.tree.map(np.testing.assert_array_equal, g, g_ref)
+        else:  # bf16 weight-gradient GEMMs: a dot of another dimension order may round 1 ulp apart
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-9),
+                         g, g_ref)
+
+    auto = dataclasses.replace(cfg, input_grad_sum="auto")
+    assert model_lib.input_grad_sum(auto) == "autodiff"
+    monkeypatch.setattr(model_lib, "current_platform", lambda: "gpu")
+    assert model_lib.input_grad_sum(auto) == "gemm"
