@@ -23,8 +23,8 @@ def get_config():
     c.train.micro_batch_size = 32
     # GPUs: every GEMM on cuBLAS from the start (XLA's autotuner picks cuBLAS for all 339 of this
     # step's anyway), so the residual's cotangent sums fold into the input-gradient GEMMs
-    # (model.input_grad_sum): no add pass left; 65.5k against 65.2-65.4k tokens/s on an H100,
-    # within noise (docs/performance.md, sixteenth session)
+    # (model.input_grad_sum): no add pass left; +0.3% on an H100 in two pairs, within noise
+    # (docs/performance.md, sixteenth session)
     c.train.gpu_triton_gemm = False
     c.checkpoint.every_steps = 1000
     return c
