@@ -281,14 +281,19 @@ def _dense_f32_dw_fwd(spec, x, w):
     return jnp.einsum(spec, x, wc), (x, wc)
 
 
-def _dense_f32_dw_bwd(spec, res, dy):
-    x, wc = res
+def _dense_grads(spec, x, wc, dy, f32_dw=True):
+    """(dx, dw) of `jnp.einsum(spec, x, wc)`; dw written in fp32 by the GEMM if f32_dw."""
     lhs, rest = spec.split(",")
     rhs, out = rest.split("->")
     dy = dy.astype(x.dtype)
     dx = jnp.einsum(f"{out},{rhs}->{lhs}", dy, wc)
-    dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, dy, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, dy,
+                    preferred_element_type=jnp.float32 if f32_dw else None)
     return dx, dw
+
+
+def _dense_f32_dw_bwd(spec, res, dy):
+    return _dense_grads(spec, *res, dy)
 
 
 _dense_f32_dw.defvjp(_dense_f32_dw_fwd, _dense_f32_dw_bwd)
@@ -329,6 +334,8 @@ def fork_dense_group(specs: tuple[str, ...], x: Array, ws: tuple[Array, ...], cf
     that rewriter as dots (train.gpu_triton_gemm=False; XLA's Triton GEMM fusions take them
     first and the adds become loop fusions). Same forward; the gradients differ only in bf16
     rounding order (on the CPU, bit for bit with fp32 weight gradients)."""
+    if x.dtype != cfg.dtype:  # the skip keeps x's dtype; the GEMMs take it cast
+        return (x, *dense_group(specs, x.astype(cfg.dtype), ws, cfg))
     if input_grad_sum(cfg) != "gemm" or cfg.matmul != "xla":
         return (x, *dense_group(specs, x, ws, cfg))
     return _fork_dense(specs, weight_grad_dtype(cfg) == "float32", x, ws)
@@ -352,12 +359,8 @@ def _fork_dense_bwd(specs, f32_dw, res, cts):
     dws = []
     # last to first, as autodiff adds them: on the CPU the same sums, bit for bit
     for spec, wc, w, dy in reversed(tuple(zip(specs, wcs, ws, dys))):
-        lhs, rest = spec.split(",")
-        rhs, out = rest.split("->")
-        dy = dy.astype(x.dtype)
-        dx = jnp.einsum(f"{out},{rhs}->{lhs}", dy, wc) + dx  # the new GEMM first: see above
-        dw = jnp.einsum(f"{lhs},{out}->{rhs}", x, dy,
-                        preferred_element_type=jnp.float32 if f32_dw else None)
+        dx_i, dw = _dense_grads(spec, x, wc, dy, f32_dw)
+        dx = dx_i + dx  # the new GEMM first: see fork_dense_group
         dws.append(dw.astype(w.dtype))
     return dx, tuple(reversed(dws))
 
@@ -471,11 +474,8 @@ class Attention(nn.Module):
         wk = _param(self, "k_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), _init(cfg))
         wv = _param(self, "v_proj", (D, K, H), ("embed", "kv_heads", "head_dim"), _init(cfg))
         wo = _param(self, "o_proj", (N, H, D), ("heads", "head_dim", "embed"), _init(cfg))
-        specs = ("BTD,DNH->BTNH", "BSD,DKH->BSKH", "BSD,DKH->BSKH")
-        if x_BTD.dtype == dt:
-            skip, q, k, v = fork_dense_group(specs, x_BTD, (wq, wk, wv), cfg)
-        else:
-            skip, (q, k, v) = x_BTD, dense_group(specs, x_BTD.astype(dt), (wq, wk, wv), cfg)
+        skip, q, k, v = fork_dense_group(("BTD,DNH->BTNH", "BSD,DKH->BSKH", "BSD,DKH->BSKH"),
+                                         x_BTD, (wq, wk, wv), cfg)
         # Full-width QK-norm: normalise over (heads, head_dim) together, then RoPE.
         q = RMSNorm(cfg, axes=("heads", "head_dim"), name="q_norm")(q, positions_BT)
         k = RMSNorm(cfg, axes=("kv_heads", "head_dim"), name="k_norm")(k, positions_BT)
@@ -505,14 +505,11 @@ class MLP(nn.Module):
         w_gate = _param(self, "gate_proj", (D, F), ("embed", "mlp"), _init(cfg))
         w_up = _param(self, "up_proj", (D, F), ("embed", "mlp"), _init(cfg))
         w_down = _param(self, "down_proj", (F, D), ("mlp", "embed"), _init(cfg))
-        specs = ("BTD,DF->BTF", "BTD,DF->BTF")
         if mlp_impl(cfg) == "pallas_grouped" and cfg.matmul == "xla" and not self.is_initializing():
             skip, h = x_BTD, _gated_grouped(x_BTD.astype(dt), w_gate, w_up, cfg)
         else:
-            if x_BTD.dtype == dt:
-                skip, gate, up = fork_dense_group(specs, x_BTD, (w_gate, w_up), cfg)
-            else:
-                skip, (gate, up) = x_BTD, dense_group(specs, x_BTD.astype(dt), (w_gate, w_up), cfg)
+            skip, gate, up = fork_dense_group(("BTD,DF->BTF", "BTD,DF->BTF"), x_BTD,
+                                              (w_gate, w_up), cfg)
             h = _swiglu(gate, up, cfg, self.is_initializing())
         h = checkpoint_name(h, "mlp_hidden")
         h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
