@@ -244,8 +244,7 @@ def profile_decode(a):
     from olmo2_jax.generate import Generator
     s = ONE_B
     cfg, params = random_model(s, "bfloat16")
-    kw = dict(decode_attention=a.decode_attention, cache_chunk=a.cache_chunk or None)
-    gen = Generator(cfg, params, **kw)
+    gen = Generator(cfg, params, cache_chunk=a.cache_chunk or None)
     rng = np.random.default_rng(0)
     prompts = lambda: rng.integers(1, s["vocab"], (a.batch, a.prompt_len)).tolist()  # noqa
     gen(prompts(), max_new_tokens=a.new_tokens)
@@ -278,8 +277,8 @@ def main():
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt_len", type=int, default=512)
     ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--decode_attention", default=None)
-    ap.add_argument("--cache_chunk", type=int, default=0)
+    ap.add_argument("--cache_chunk", type=int, default=0,
+                    help="decode: Generator's cache_chunk (0 = the whole cache each step)")
     ap.add_argument("--impl", default="mgpu", choices=("mgpu", "pallas", "cudnn", "xla"),
                     help="attention: the implementation to profile")
     ap.add_argument("--top", type=int, default=30)

@@ -1,6 +1,6 @@
 """Measures the conversion and generation parity figures quoted in docs/convert_generate.md.
 
-    PYTHONPATH=$PWD python bench/parity.py --out=bench/results/parity_cpu.json
+    PYTHONPATH=$PWD python bench/parity.py --out=/tmp/parity_cpu.json
 
 On a tiny random transformers Olmo2 with GQA (fp32, CPU): max |logit difference| of our
 forward vs transformers after `from_hf`; whether `to_hf` gives back identical tensors and

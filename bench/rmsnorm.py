@@ -8,7 +8,8 @@ kernels/rmsnorm_gpu.py (XLA forward, one-pass Pallas backward), checked against 
 Rows: the post-norms' shape (tokens, 2048) with scale (2048,) and QK-norm's (tokens, 16, 128)
 with scale (16, 128); times are for the forward and the backward together, as in a step.
 `qk_norm_rope`: QK-norm then RoPE, XLA's autodiff of both against rmsnorm_gpu.rms_norm_rope
-(one backward pass for the two; model.rope_impl='pallas').
+(one backward pass for the two). The model runs ours under model.kernels='auto' on a GPU,
+XLA's under model.kernels='xla'.
 """
 
 from __future__ import annotations

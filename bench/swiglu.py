@@ -4,14 +4,14 @@ against kernels/swiglu_gpu.py (XLA forward, one-pass Pallas backward), checked f
     python bench/swiglu.py --out=/tmp/swiglu.json        # a CUDA GPU
     python bench/swiglu.py --tokens=64 --interpret       # anywhere (Pallas interpreter)
     python bench/swiglu.py --sweep                       # + each tile setting of ours
-    python bench/swiglu.py --gated                       # + the MLP's first half, GEMMs included
+    python bench/swiglu.py --mlp                         # + the MLP's first half, GEMMs included
 
 Rows: (tokens, 8192) bf16, as (batch x seq, mlp_hidden) of OLMo-2-1B; `bwd` rows time the
 backward alone (dh given), `fwd+bwd` both. The backward's bytes: 3 reads + 2 writes.
-`--gated` adds x (tokens, 2048) -> silu(x W_gate) * (x W_up), forward + backward with fp32
-weight gradients, as model.MLP runs it: `xla` (two GEMMs, XLA's autodiff), `ours` (two
-GEMMs, the one-pass kernel: mlp_impl 'pallas') and `grouped` (swiglu_gpu.gated: the
-stacked cotangent, one GEMM per gradient: mlp_impl 'pallas_grouped'), checked first.
+`--mlp` adds x (tokens, 2048) -> silu(x W_gate) * (x W_up), forward + backward with fp32
+weight gradients, as the model's MLP runs it (both GEMMs through olmo2_jax.ops.dense):
+`xla` (XLA's autodiff of the gate: model.kernels='xla') against `ours` (the one-pass
+kernel: model.kernels='auto' on a GPU), checked first.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.attention import rel_err, report, time_fn  # noqa: E402
 from kernels import swiglu_gpu  # noqa: E402
-from olmo2_jax.model import ModelConfig, dense  # noqa: E402
+from olmo2_jax.ops import dense  # noqa: E402
 
 
 def bench(tokens, F=8192, interpret=False, impls=("xla", "ours")):
@@ -70,23 +70,21 @@ def bench(tokens, F=8192, interpret=False, impls=("xla", "ours")):
     return rows
 
 
-def bench_gated(tokens, D=2048, F=8192, interpret=False):
+def bench_mlp(tokens, D=2048, F=8192, interpret=False):
     """The MLP's first half, forward + backward (dx, dW_gate, dW_up): rows per impl with
     TFLOP/s of its 6 GEMMs and the max error against the xla row."""
     k = jax.random.split(jax.random.key(1), 4)
     x = jax.random.normal(k[0], (1, tokens, D), jnp.bfloat16)
     wg, wu = (jax.random.normal(kk, (D, F), jnp.float32) * D ** -0.5 for kk in k[1:3])
     dh = jax.random.normal(k[3], (1, tokens, F), jnp.bfloat16)
-    cfg = ModelConfig(dtype=jnp.bfloat16, weight_grad_dtype="float32")  # the model's dense
 
-    def separate(kernel):
+    def mlp(kernel):
         gate_fn = ((lambda g, u: swiglu_gpu.swiglu(g, u, interpret=interpret)) if kernel
                    else swiglu_gpu.reference)
-        return lambda x, wg, wu: gate_fn(dense("BTD,DF->BTF", x, wg, cfg),
-                                         dense("BTD,DF->BTF", x, wu, cfg))
+        return lambda x, wg, wu: gate_fn(dense("BTD,DF->BTF", x, wg, jnp.bfloat16),
+                                         dense("BTD,DF->BTF", x, wu, jnp.bfloat16))
 
-    fns = {"xla": separate(False), "ours": separate(True),
-           "grouped": lambda x, wg, wu: swiglu_gpu.gated(x, wg, wu, interpret=interpret)}
+    fns = {"xla": mlp(False), "ours": mlp(True)}
 
     def step(fn):
         def both(x, wg, wu, dh):
@@ -101,9 +99,9 @@ def bench_gated(tokens, D=2048, F=8192, interpret=False):
     for impl, f in steps.items():
         errs = [rel_err(a, b) for a, b in zip(f(*args), ref)]
         if max(errs) > 2e-2:
-            raise AssertionError(f"swiglu gated: {impl} (h, dx, dwg, dwu) errors {errs} vs xla")
+            raise AssertionError(f"swiglu mlp: {impl} (h, dx, dwg, dwu) errors {errs} vs xla")
         t = time_fn(f, args)
-        rows.append({"what": "gated fwd+bwd", "x": [tokens, D, F], "impl": impl,
+        rows.append({"what": "mlp fwd+bwd", "x": [tokens, D, F], "impl": impl,
                      "ms": round(t * 1e3, 4), "TFLOP/s": round(12 * tokens * D * F / t / 1e12, 1),
                      "max_rel_err_vs_xla": [round(e, 6) for e in errs]})
     return rows
@@ -131,14 +129,14 @@ def main():
     ap.add_argument("--tokens", type=int, default=65536, help="rows (batch x seq)")
     ap.add_argument("--interpret", action="store_true", help="Pallas interpreter (no GPU)")
     ap.add_argument("--sweep", action="store_true", help="also time ours at each tile setting")
-    ap.add_argument("--gated", action="store_true", help="also the MLP's first half, GEMMs in")
+    ap.add_argument("--mlp", action="store_true", help="also the MLP's first half, GEMMs in")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
     def rows():
         yield from bench(a.tokens, interpret=a.interpret)
-        if a.gated:
-            yield from bench_gated(a.tokens, interpret=a.interpret)
+        if a.mlp:
+            yield from bench_mlp(a.tokens, interpret=a.interpret)
         if a.sweep:
             yield from sweep(a.tokens, a.interpret)
 

@@ -4,16 +4,19 @@
         --variant=b8:train.global_batch_size=8 \
         --variant=b8_full:train.global_batch_size=8,model.remat=full --out=/tmp/ts.json
 
-Each variant is `name:key=value,key=value` over the config (any config key). Every
-variant runs the real `train_step` (jit, donation, the config's mesh over all local
-devices) on fresh random tokens, warms up, then times `--steps` steps and reports the
-median. MFU uses the PaLM convention (config.flops_per_token) over the chip's bf16 peak.
-On a GPU each row also carries the SM clock and power over the timed steps
-(bench/gpu_clock.py): the H200 runs at its power cap, so a slower clock is told apart
-from a slower step.
+Each variant is `name:key=value,key=value` over the config (any config key, e.g.
+`model.attention=pallas`, `model.kernels=xla`). Every variant runs the real `train_step`
+(jit, donation, the config's mesh over all local devices) on fresh random tokens: it is
+compiled, warmed up with `--warmup` steps at the timed shape, then `--steps` (>= 3) steps
+are timed one by one; the row gives their median and spread (min, max). MFU uses the PaLM
+convention (config.flops_per_token) over the chip's bf16 peak. On a GPU each row also
+carries the SM clock and power over the timed steps (bench/gpu_clock.py): the H200 runs at
+its power cap, so a slower clock is told apart from a slower step.
 Prints one JSON line per variant and a table last. `--transformers=compile` first times
 transformers Olmo2 + torch.compile at the same shape (bench/transformers_step.py, in its own
-process) and adds each variant's ratio to it ("vs hf"):
+process, before JAX takes the GPU's memory; same warm-up and timed step counts), at each
+distinct global batch of the variants unless `--transformers-batch` fixes one, and adds
+each variant's ratio to the run at its batch ("vs hf"; the table names that batch):
 
     python bench/train_step.py --config=configs/1b.py --transformers=compile \
         --variant=b8:train.global_batch_size=8
@@ -39,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.gpu_clock import GpuClock  # noqa: E402
 from olmo2_jax import config as config_lib  # noqa: E402
+from olmo2_jax import loss as loss_lib  # noqa: E402
 from olmo2_jax import metrics, optim, sharding, train  # noqa: E402
 from olmo2_jax.model import ModelConfig, Transformer  # noqa: E402
 
@@ -60,18 +64,19 @@ def apply_overrides(c, spec: str):
     return c
 
 
-# How the compiled GPU step's GEMMs run (train.gpu_triton_gemm): HLO ops of each kind.
-GEMM_MARKERS = {"triton": '"kind":"__triton_gemm"', "cublas": '"__cublas$gemm"',
-                "cublaslt": '"__cublas$lt$matmul'}
-
-
-def build(config_path: str, seq: int, overrides: str):
-    """(compiled step, state, fresh-batch fn, config) for a config with overrides."""
+def variant_config(config_path: str, seq: int, overrides: str):
+    """The config a variant runs: the file's, at `seq`, one micro-batch per step unless the
+    overrides set train.micro_batch_size, then the overrides."""
     c = runpy.run_path(config_path)["get_config"]()
     c.data.seq_len = seq
     c.train.micro_batch_size = 0
     c.optim.warmup_steps = 10
-    apply_overrides(c, overrides)
+    return apply_overrides(c, overrides)
+
+
+def build(config_path: str, seq: int, overrides: str):
+    """(compiled step, state, fresh-batch fn, config) for a config with overrides."""
+    c = variant_config(config_path, seq, overrides)
     config_lib.validate(c, jax.device_count())
     mesh = sharding.make_mesh(c)
     model = Transformer(ModelConfig.from_config(c.model))
@@ -81,8 +86,9 @@ def build(config_path: str, seq: int, overrides: str):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
         state, shardings = train.create_state(model, tx, mesh, jax.random.PRNGKey(0))
         bs = sharding.batch_sharding(mesh)
-        step_fn = train.jit_train_step(model, tx, schedule, c.train, accum_steps=accum,
-                                       mesh=mesh, shardings=shardings, batch_sharding=bs)
+        step_fn = train.jit_train_step(model, tx, schedule, loss_lib.LossConfig.from_config(c),
+                                       accum_steps=accum, mesh=mesh, shardings=shardings,
+                                       batch_sharding=bs)
         B, T = c.train.global_batch_size, seq
 
         def batch():
@@ -126,96 +132,117 @@ def bench(config_path: str, seq: int, overrides: str, steps: int, warmup: int) -
     fpt = config_lib.flops_per_token(c.model, seq)
     peak = metrics.peak_flops_per_device() or float("nan")
     mem = jax.local_devices()[0].memory_stats() or {}
-    hlo = compiled.as_text()
     return {"batch": B, "seq": T, "step_s": round(dt, 4), "tok_s": round(tok_s),
             "tflops_per_device": round(tok_s * fpt / 1e12 / jax.device_count(), 1),
             "mfu": round(tok_s * fpt / (peak * jax.device_count()), 4),
             "peak_gib": round(mem.get("peak_bytes_in_use", 0) / 2**30, 1),
             "compile_s": round(compile_s, 1), "loss": round(loss, 4),
-            "gemm_kernels": {k: hlo.count(v) for k, v in GEMM_MARKERS.items()},
             "step_s_spread": [round(min(times), 4), round(max(times), 4)],
             **({"gpu_clock": summary} if (summary := clock.summary()) else {})}
+
+
+def transformers_batches(config_path: str, seq: int, variants, fixed: int | None):
+    """The transformers batch each variant is compared at: `fixed`, else the variant's global
+    batch; None where the variant changes the model's parameter count (transformers runs the
+    config file's model) or its overrides do not apply."""
+    base = config_lib.count_params(variant_config(config_path, seq, "").model)["total"]
+    out = []
+    for _, overrides in variants:
+        try:
+            c = variant_config(config_path, seq, overrides)
+        except Exception:  # noqa: BLE001 -- the variant's own run reports the error
+            out.append(None)
+            continue
+        same = config_lib.count_params(c.model)["total"] == base
+        out.append((fixed or c.train.global_batch_size) if same else None)
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/1b.py")
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (>= 3; median reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps at the timed shape")
     ap.add_argument("--variant", action="append", default=None,
                     help="name:key=value,... (repeatable); default: b8")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--gpu-pallas-kernels", choices=("gpu", "mgpu"), default=None,
-                    help="kernels behind model.attention=pallas on GPUs: gpu (Triton lowering, "
-                         "the default) or mgpu (Mosaic GPU, Hopper; docs/kernels.md)")
     ap.add_argument("--transformers", choices=("compile", "eager"), default=None,
                     help="also time transformers Olmo2 at the same shape (torch.compile or "
                          "eager; bench/transformers_step.py) and print each variant's ratio")
-    ap.add_argument("--transformers-batch", type=int, default=8,
-                    help="batch size of the transformers step (the issue's anchor used 8)")
+    ap.add_argument("--transformers-batch", type=int, default=None,
+                    help="batch of the transformers step (default: each variant's global batch)")
     args = ap.parse_args()
-    # first, in its own process: JAX holds most of the GPU's memory once it has started
-    hf = _transformers_step(args) if args.transformers else None
-    if args.gpu_pallas_kernels:
-        from kernels import attention as kernels_attention
-
-        default = kernels_attention.default_backend
-        kernels_attention.default_backend = lambda: (
-            args.gpu_pallas_kernels if kernels_attention.current_platform() == "gpu"
-            else default())
-    variants = args.variant or ["b8:train.global_batch_size=8"]
+    if args.steps < 3 or args.warmup < 1:
+        ap.error("--steps must be >= 3 and --warmup >= 1 (warm calls only, median of >= 3)")
+    variants = [spec.partition(":")[::2] for spec in args.variant or
+                ["b8:train.global_batch_size=8"]]
+    # first, in its own process per batch: JAX holds most of the GPU's memory once it starts
+    hf_at = (transformers_batches(args.config, args.seq, variants, args.transformers_batch)
+             if args.transformers else [None] * len(variants))
+    hf = {b: _transformers_step(args, b) for b in dict.fromkeys(filter(None, hf_at))}
     device = jax.devices()[0]
     header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "device": f"{jax.device_count()} x {device.device_kind}", "jax": jax.__version__,
-              "config": args.config, "seq": args.seq}
+              "config": args.config, "seq": args.seq, "steps": args.steps,
+              "warmup": args.warmup}
     print(json.dumps(header), flush=True)
-    if hf is not None:
-        print(json.dumps(hf), flush=True)
+    fpt = config_lib.flops_per_token(variant_config(args.config, args.seq, "").model, args.seq)
+    peak = metrics.peak_flops_per_device() or float("nan")
+    for r in hf.values():
+        if "tok_s" in r:
+            r["mfu"] = round(r["tok_s"] * fpt / peak, 4)
+        print(json.dumps(r), flush=True)
     results = []
-    for spec in variants:
-        name, _, overrides = spec.partition(":")
+    for (name, overrides), b in zip(variants, hf_at):
         try:
             r = {"variant": name, **bench(args.config, args.seq, overrides, args.steps,
                                           args.warmup)}
         except Exception as e:  # noqa: BLE001 -- one failing variant must not lose the others
             r = {"variant": name, "error": repr(e)[:400]}
+        if b is not None and "tok_s" in r and "tok_s" in hf[b]:
+            r.update(transformers_batch=b, vs_transformers=round(r["tok_s"] / hf[b]["tok_s"], 3))
         results.append(r)
         print(json.dumps(r), flush=True)
-    hf_tok_s = (hf or {}).get("tok_s")
-    if hf_tok_s:
-        c = runpy.run_path(args.config)["get_config"]()
-        fpt = config_lib.flops_per_token(c.model, args.seq)
-        hf["mfu"] = round(hf_tok_s * fpt / (metrics.peak_flops_per_device() or float("nan")), 4)
-        for r in results:
-            if "tok_s" in r:
-                r["vs_transformers"] = round(r["tok_s"] / hf_tok_s, 3)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({**header, "transformers": hf, "results": results}, f, indent=2)
-    print(f"\n{'variant':<24}{'tok/s':>10}{'MFU':>8}{'step s':>9}{'peak GiB':>10}{'compile s':>11}"
-          + (f"{'vs hf':>8}" if hf_tok_s else ""))
+            json.dump({**header, "transformers": list(hf.values()), "results": results}, f,
+                      indent=2)
+    print_table(header, results, list(hf.values()), bool(args.transformers))
+
+
+def print_table(header, results, hf, with_hf):
+    print(f"\n{header['device']}, jax {header['jax']}, {header['config']}, seq {header['seq']}: "
+          f"median of {header['steps']} timed steps after {header['warmup']} warm-up steps"
+          + ("; vs hf = tok/s over transformers' at the batch named" if with_hf else ""))
+    print(f"{'variant':<28}{'batch':>6}{'tok/s':>10}{'MFU':>8}{'step s':>9}{'min-max s':>16}"
+          f"{'peak GiB':>10}{'compile s':>11}" + (f"{'vs hf':>12}" if with_hf else ""))
     for r in results:
         if "error" in r:
-            print(f"{r['variant']:<24} ERROR {r['error'][:80]}")
-        else:
-            print(f"{r['variant']:<24}{r['tok_s']:>10}{r['mfu']:>8.3f}{r['step_s']:>9.3f}"
-                  f"{r['peak_gib']:>10}{r['compile_s']:>11}"
-                  + (f"{r['vs_transformers']:>8.2f}" if hf_tok_s else ""))
-    if hf is not None:
-        if hf_tok_s:
-            print(f"{hf['impl'] + ' b' + str(hf['batch']):<24}{hf_tok_s:>10}{hf['mfu']:>8.3f}"
-                  f"{hf['step_s']:>9.3f}{hf['peak_gib']:>10}{hf['warmup_s']:>11}")
-        else:
-            print(f"{'transformers':<24} ERROR {hf.get('error', '')[:80]}")
+            print(f"{r['variant']:<28} ERROR {r['error'][:80]}")
+            continue
+        lo, hi = r["step_s_spread"]
+        vs = (f"{r['vs_transformers']:.2f} @b{r['transformers_batch']}"
+              if "vs_transformers" in r else "-")
+        print(f"{r['variant']:<28}{r['batch']:>6}{r['tok_s']:>10}{r['mfu']:>8.3f}"
+              f"{r['step_s']:>9.3f}{f'{lo:.3f}-{hi:.3f}':>16}{r['peak_gib']:>10}"
+              f"{r['compile_s']:>11}" + (f"{vs:>12}" if with_hf else ""))
+    for r in hf:
+        label = f"{r['impl']} b{r['batch']}"
+        if "tok_s" not in r:
+            print(f"{label:<28} ERROR {r.get('error', '')[:80]}")
+            continue
+        lo, hi = r["step_s_spread"]
+        print(f"{label:<28}{r['batch']:>6}{r['tok_s']:>10}{r['mfu']:>8.3f}{r['step_s']:>9.3f}"
+              f"{f'{lo:.3f}-{hi:.3f}':>16}{r['peak_gib']:>10}{'-':>11}")
 
 
-def _transformers_step(args) -> dict:
+def _transformers_step(args, batch: int) -> dict:
     """bench/transformers_step.py in a subprocess: its JSON line, or {"error": ...}."""
     cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                         "transformers_step.py"),
-           f"--config={args.config}", f"--seq={args.seq}", f"--batch={args.transformers_batch}",
+           f"--config={args.config}", f"--seq={args.seq}", f"--batch={batch}",
            f"--steps={args.steps}", f"--warmup={args.warmup}"]
     if args.transformers == "compile":
         cmd.append("--compile")
@@ -225,7 +252,8 @@ def _transformers_step(args) -> dict:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode or not lines:
-        return {"impl": "transformers", "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"impl": "transformers" + ("+compile" if args.transformers == "compile" else ""),
+                "batch": batch, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(lines[-1])
 
 

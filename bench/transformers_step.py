@@ -7,7 +7,10 @@ The model is built from our `config.model` through `convert.hf_config_from_model
 mapping our Hugging Face export uses), so both sides have the same shape and parameter
 count (checked before timing). The step is what a transformers user runs: bf16 autocast,
 SDPA attention, the library's cross-entropy (no z-loss), backward, torch AdamW (fused on
-CUDA) with our optimizer settings, optionally under `torch.compile`. Prints one JSON line.
+CUDA) with our optimizer settings, optionally under `torch.compile`. As on our side,
+`--warmup` steps (compiles included) run at the timed shape first, then `--steps` steps are
+timed one by one, each on a batch of fresh random tokens already on the device; it reports
+their median and spread (min, max). Prints one JSON line.
 It runs in its own process because JAX keeps most of the GPU's memory once it starts.
 """
 
@@ -46,8 +49,10 @@ def run(config_path: str, seq: int, batch: int, steps: int, warmup: int, compile
     fwd = torch.compile(model) if compile_ else model
     gen = torch.Generator(device="cpu").manual_seed(0)
 
-    def step():
-        x = torch.randint(0, m.vocab_size, (batch, seq), generator=gen).to(device)
+    def tokens():
+        return torch.randint(0, m.vocab_size, (batch, seq), generator=gen).to(device)
+
+    def step(x):
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = fwd(input_ids=x, labels=x).loss
         loss.backward()
@@ -61,13 +66,15 @@ def run(config_path: str, seq: int, batch: int, steps: int, warmup: int, compile
 
     t0 = time.perf_counter()
     for _ in range(warmup):
-        step()
+        step(tokens())
     sync()
     warmup_s = time.perf_counter() - t0
     times = []
     for _ in range(steps):
+        x = tokens()
+        sync()
         t = time.perf_counter()
-        loss = step()
+        loss = step(x)
         sync()
         times.append(time.perf_counter() - t)
     dt = statistics.median(times)
@@ -86,11 +93,13 @@ def main(argv=None):
     ap.add_argument("--config", default="configs/1b.py")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps (>= 3; median reported)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps at the timed shape")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     args = ap.parse_args(argv)
+    if args.steps < 3 or args.warmup < 1:
+        ap.error("--steps must be >= 3 and --warmup >= 1 (warm calls only, median of >= 3)")
     print(json.dumps(run(args.config, args.seq, args.batch, args.steps, args.warmup,
                          args.compile, args.device)), flush=True)
 

@@ -19,13 +19,8 @@ def get_config():
     c.optim.decay_steps = 2384186  # cosine horizon: 5T tokens
     c.model.scan_layers = False  # 16 layers compile fast unrolled; +4.4% on the H200
     # Sized for v5p:2x2x1 (4 chips) (launch/aot_compile.py, docs/performance.md); on one
-    # H200 use --config.train.micro_batch_size=16 (docs/performance.md); on an 80 GB H100, 8 with
-    # --config.train.loss_chunks=4, so each LM-head chunk keeps 8,192 tokens (+0.5%).
+    # H200 use --config.train.micro_batch_size=16; on an 80 GB H100, 8 with
+    # --config.train.loss_chunks=4, so each LM-head chunk keeps 8,192 tokens.
     c.train.micro_batch_size = 32
-    # GPUs: every GEMM on cuBLAS from the start (XLA's autotuner picks cuBLAS for all 339 of this
-    # step's anyway), so the residual's cotangent sums fold into the input-gradient GEMMs
-    # (model.input_grad_sum): no add pass left; +0.3% on an H100 in two pairs, within noise
-    # (docs/performance.md, sixteenth session)
-    c.train.gpu_triton_gemm = False
     c.checkpoint.every_steps = 1000
     return c

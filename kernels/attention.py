@@ -50,11 +50,15 @@ def current_platform() -> str:
 
 
 def default_backend() -> str:
-    """The kernel family for the platform being compiled for. On GPUs the Triton-lowered
-    kernels: the faster Mosaic GPU ones ("mgpu", Hopper) are opt-in until they are verified
-    inside the model's training step (docs/kernels.md)."""
+    """The kernel family for the platform being compiled for. On GPUs: the Hopper Mosaic GPU
+    kernels on sm90 (faster than the Triton-lowered ones and cuDNN's at B8 T4096,
+    docs/kernels.md), the Triton-lowered kernels on other GPUs and when no GPU is attached
+    (ahead-of-time lowering)."""
     platform = current_platform()
-    if platform in ("tpu", "gpu"):
+    if platform == "gpu":
+        arch = _local_gpu_arch()
+        return "mgpu" if arch is not None and arch.startswith("9.") else "gpu"
+    if platform == "tpu":
         return platform
     raise ValueError(f"flash_attention: no Pallas kernel for platform {platform!r}; "
                      "use interpret=True with backend='tpu' or 'gpu' on the CPU, or "

@@ -80,7 +80,7 @@ def rms_norm(x, scale, eps: float, dtype=None, *, row_axes=None, interpret: bool
     if not supported(x.shape, scale.shape):
         raise ValueError(f"rms_norm: x {x.shape} / scale {scale.shape}: the feature width must "
                          f"be a power of two and the rows a multiple of {TUNING['rows']}; "
-                         "use model.norm_impl='xla'")
+                         "use model.kernels='xla'")
     return _rms_norm(x, scale, float(eps), jnp.dtype(dtype or x.dtype).name,
                      _axes(row_axes), bool(interpret))
 
@@ -132,7 +132,7 @@ def rms_norm_rope(x_BTNH, scale_NH, positions_BT, theta: float, eps: float, dtyp
     if not rope_supported(x_BTNH.shape):
         raise ValueError(f"rms_norm_rope: x {x_BTNH.shape}: heads and head_dim / 2 must be "
                          f"powers of two and the tokens a multiple of {ROPE_TUNING['rows']}; use "
-                         "model.rope_impl='xla'")
+                         "model.kernels='xla'")
     return _rms_norm_rope(x_BTNH, scale_NH, positions_BT, float(theta), float(eps),
                           jnp.dtype(dtype or x_BTNH.dtype).name, _axes(row_axes),
                           bool(interpret))

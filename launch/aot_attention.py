@@ -27,7 +27,7 @@ from flax import linen as nn  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
 
 from kernels import flash_attention  # noqa: E402
-from olmo2_jax import model, sharding  # noqa: E402
+from olmo2_jax import ops, sharding  # noqa: E402
 
 # (B, T, N, K, H, segment ids): the model's 7B-like GQA-free shape and a GQA, padded one.
 CASES = [(1, 4096, 32, 32, 128, True), (2, 1000, 8, 2, 64, True), (1, 2048, 16, 4, 128, False)]
@@ -61,7 +61,7 @@ def compile_model_attention(devices, B=4, T=2048, N=16, K=4, H=128):
         seg = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=spec("batch", "seq"))
 
         def loss(q, k, v, s):
-            out = model.dot_product_attention(q, k, v, s, "auto")
+            out = ops.attention(q, k, v, s, "auto")
             return out.astype(jnp.float32).sum()
 
         grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))

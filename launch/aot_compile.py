@@ -45,6 +45,7 @@ def compile_step(config, topology: str) -> dict:
 
     from olmo2_jax import config as config_lib
     from olmo2_jax import optim, sharding, train
+    from olmo2_jax.loss import LossConfig
     from olmo2_jax.model import ModelConfig, Transformer
 
     try:
@@ -66,8 +67,9 @@ def compile_step(config, topology: str) -> dict:
         batch = {"inputs": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bs),
                  "targets": jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=bs),
                  "loss_mask": jax.ShapeDtypeStruct((B, T), jnp.float32, sharding=bs)}
-        step = train.jit_train_step(model, tx, schedule, t, accum_steps=accum, mesh=mesh,
-                                    shardings=shardings, batch_sharding=bs)
+        step = train.jit_train_step(model, tx, schedule, LossConfig.from_config(config),
+                                    accum_steps=accum, mesh=mesh, shardings=shardings,
+                                    batch_sharding=bs)
         t0 = time.time()
         lowered = step.lower(abstract, batch)
         try:

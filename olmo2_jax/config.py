@@ -18,15 +18,9 @@ MODEL_PRESETS = {
     "32b": dict(d_model=5120, n_layers=64, n_heads=40, n_kv_heads=8, mlp_hidden=27648),
 }
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_plus", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
-MATMUL_IMPLS = ("xla", "mgpu")
-NORM_IMPLS = ("auto", "xla", "pallas")
-ROPE_IMPLS = ("auto", "xla", "pallas")
-MLP_IMPLS = ("auto", "xla", "pallas", "pallas_grouped")
-WEIGHT_GRAD_DTYPES = ("auto", "float32", "bfloat16")
-INPUT_GRAD_SUMS = ("auto", "autodiff", "gemm")
-LOSS_IMPLS = ("auto", "xla", "pallas")
+KERNELS = ("auto", "xla")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -56,35 +50,13 @@ def base_config() -> ml_collections.ConfigDict:
     m.dtype = "bfloat16"  # activation / matmul dtype
     m.param_dtype = "float32"  # master weights
     m.scan_layers = True
-    m.remat = "dots"  # one of REMAT_POLICIES
-    m.attention = "auto"  # one of ATTENTION_IMPLS; auto = pallas on TPU, cudnn on GPU, xla on CPU
-    # the layers' weight GEMMs: "xla", or "mgpu" = kernels/matmul_mgpu.py (Hopper, one GPU)
-    m.matmul = "xla"
-    # RMSNorm's backward: "xla", or "pallas" = one pass (kernels/rmsnorm_gpu.py; GPUs, per
-    # shard of rows); auto = pallas on GPUs where the mesh leaves the features whole, else xla
-    m.norm_impl = "auto"
-    # QK-norm + RoPE's backward: "xla", or "pallas" = one pass for both (rmsnorm_gpu.
-    # rms_norm_rope; GPUs, per shard of rows); auto = pallas on GPUs where the mesh leaves the
-    # heads whole, else xla
-    m.rope_impl = "auto"
-    # SwiGLU's backward: "xla", or "pallas" = one pass writing dgate and dup (kernels/
-    # swiglu_gpu.py; GPUs, per shard), or "pallas_grouped" = the same pass writing them as one
-    # stacked cotangent, so gate/up's input and weight gradients are one GEMM each (swiglu_gpu.
-    # gated; matmul='xla'); auto = pallas on GPUs where the activations are whole tiles, else xla
-    m.mlp_impl = "auto"
-    # dtype the weight-gradient GEMMs write: "float32" (a custom VJP asks the GEMM for fp32,
-    # so accumulation over micro-batches and the data-parallel reduction sum unrounded
-    # products, as the fused loss's LM-head dW already does) or "bfloat16" (plain autodiff:
-    # dW rounded to the compute dtype, then cast); auto = float32. matmul='xla' only (the
-    # mgpu kernels write the compute dtype)
-    m.weight_grad_dtype = "auto"
-    # How the residual stream's cotangent is summed over the skip and the q/k/v (gate/up)
-    # input gradients: "autodiff" (jax's add_any chain: XLA's GEMM rewriter folds only some
-    # adds into the GEMMs), or "gemm" = a custom VJP starting the sum at the skip's
-    # cotangent so that each input-gradient GEMM takes the running sum as its C (model.
-    # fork_dense_group: with train.gpu_triton_gemm=False no add pass is left); matmul='xla'
-    # only; auto = gemm on GPUs, else autodiff
-    m.input_grad_sum = "auto"
+    m.remat = "dots"  # one of REMAT_POLICIES: none, full, or dots (weight GEMMs + attention out)
+    # one of ATTENTION_IMPLS; auto = pallas on TPU, cudnn on GPU, xla on CPU. pallas on a GPU:
+    # the Hopper (Mosaic GPU) kernels on sm90 for bf16 without document masking, else Triton
+    m.attention = "auto"
+    # "auto": the one-pass Pallas backwards (RMSNorm, QK-norm + RoPE, SwiGLU, the fused loss's
+    # passes) on GPUs wherever they can run, XLA elsewhere; "xla": XLA everywhere (ops.py)
+    m.kernels = "auto"
 
     c.data = d = ml_collections.ConfigDict()
     d.paths = ""  # comma-separated raw uint32 token files (globs ok); "" = embedded corpus
@@ -111,15 +83,6 @@ def base_config() -> ml_collections.ConfigDict:
     # either way). "bfloat16" halves the loss's memory traffic and rounds the logits as
     # torch autocast does (the official and transformers steps); "float32" is exact.
     t.loss_logits_dtype = "float32"
-    # Fused loss only: what runs its logsumexp and softmax-gradient passes over each chunk of
-    # logits: "xla", "pallas" (kernels/xent_gpu.py: GPUs, the vocabulary unsplit), or "auto"
-    # (Pallas where it can run on GPUs, XLA elsewhere).
-    t.loss_impl = "auto"
-    # GPUs: let XLA fuse GEMMs with their neighbours into Triton kernels (XLA's default).
-    # False sends every GEMM to cuBLAS from the start, where XLA's GEMM rewriter can fold the
-    # residual's cotangent sums into them as their C (model.input_grad_sum; docs/
-    # performance.md, eleventh and sixteenth sessions)
-    t.gpu_triton_gemm = True
     t.seed = 0
     t.log_every = 10
     t.peak_flops_per_device = 0.0  # 0 = from the device kind (None on CPU)
@@ -226,31 +189,7 @@ def validate(c, num_devices: int | None = None) -> None:
          "use attention='auto' or 'xla'")
     need(m.attention != "pallas" or m.dtype in ("bfloat16", "float32"),
          f"config.model.attention='pallas' takes bfloat16 or float32, not dtype={m.dtype!r}")
-    need(m.matmul in MATMUL_IMPLS,
-         f"config.model.matmul={m.matmul!r}: choose one of {MATMUL_IMPLS}")
-    need(m.matmul != "mgpu" or m.dtype in ("bfloat16", "float16"),
-         f"config.model.matmul='mgpu' multiplies bfloat16 or float16, not dtype={m.dtype!r}; "
-         "use matmul='xla'")
-    need(m.weight_grad_dtype in WEIGHT_GRAD_DTYPES,
-         f"config.model.weight_grad_dtype={m.weight_grad_dtype!r}: choose one of "
-         f"{WEIGHT_GRAD_DTYPES}")
-    need(m.matmul != "mgpu" or m.weight_grad_dtype != "float32",
-         "config.model.weight_grad_dtype='float32' needs matmul='xla' (the mgpu kernels write "
-         "the compute dtype); use weight_grad_dtype='auto' or matmul='xla'")
-    need(m.input_grad_sum in INPUT_GRAD_SUMS,
-         f"config.model.input_grad_sum={m.input_grad_sum!r}: choose one of {INPUT_GRAD_SUMS}")
-    need(m.input_grad_sum != "gemm" or m.matmul == "xla",
-         "config.model.input_grad_sum='gemm' builds on XLA's GEMMs, matmul='mgpu' sums the "
-         "group's input gradients in its own kernels; use input_grad_sum='auto' or matmul='xla'")
-    need(m.norm_impl in NORM_IMPLS,
-         f"config.model.norm_impl={m.norm_impl!r}: choose one of {NORM_IMPLS}")
-    need(m.rope_impl in ROPE_IMPLS,
-         f"config.model.rope_impl={m.rope_impl!r}: choose one of {ROPE_IMPLS}")
-    need(m.mlp_impl in MLP_IMPLS,
-         f"config.model.mlp_impl={m.mlp_impl!r}: choose one of {MLP_IMPLS}")
-    need(m.mlp_impl != "pallas_grouped" or m.matmul == "xla",
-         "config.model.mlp_impl='pallas_grouped' runs the gate/up GEMMs through XLA, "
-         f"matmul={m.matmul!r} runs them itself; use mlp_impl='pallas' or matmul='xla'")
+    need(m.kernels in KERNELS, f"config.model.kernels={m.kernels!r}: choose one of {KERNELS}")
     for key in ("dtype", "param_dtype"):
         need(m[key] in DTYPES, f"config.model.{key}={m[key]!r}: choose one of {DTYPES}")
     need(m.rope_theta > 0 and m.norm_eps > 0, "config.model.rope_theta and norm_eps must be > 0")
@@ -280,11 +219,6 @@ def validate(c, num_devices: int | None = None) -> None:
          f"{c.data.seq_len}")
     need(t.loss_logits_dtype in ("float32", "bfloat16"),
          f"config.train.loss_logits_dtype={t.loss_logits_dtype!r}: choose 'float32' or 'bfloat16'")
-    need(t.loss_impl in LOSS_IMPLS,
-         f"config.train.loss_impl={t.loss_impl!r}: choose 'auto', 'xla' or 'pallas'")
-    need(t.loss_impl != "pallas" or t.loss_chunks > 0,
-         f"config.train.loss_impl={t.loss_impl!r} needs the fused loss: set "
-         "config.train.loss_chunks > 0 (e.g. 8) or loss_impl='xla'")
     need(t.loss_logits_dtype == "float32" or t.loss_chunks > 0,
          f"config.train.loss_logits_dtype={t.loss_logits_dtype!r} needs the fused loss: set "
          "config.train.loss_chunks > 0 (e.g. 8) or loss_logits_dtype='float32'")
@@ -321,16 +255,6 @@ def validate(c, num_devices: int | None = None) -> None:
              f"n_kv_heads={m.n_kv_heads}")
         need(m.mlp_hidden % shape["tensor"] == 0,
              f"config.mesh.tensor={shape['tensor']} must divide model.mlp_hidden={m.mlp_hidden}")
-        need(m.norm_impl != "pallas" or shape["tensor"] == 1,
-             f"config.model.norm_impl='pallas' needs config.mesh.tensor=1 (QK-norm spans the "
-             f"heads that tensor={shape['tensor']} splits); use norm_impl='auto', which keeps "
-             "those norms on XLA")
-        need(m.rope_impl != "pallas" or shape["tensor"] == 1,
-             f"config.model.rope_impl='pallas' needs config.mesh.tensor=1 (QK-norm spans the "
-             f"heads that tensor={shape['tensor']} splits); use rope_impl='auto'")
-        need(m.matmul != "mgpu" or num_devices == 1,
-             f"config.model.matmul='mgpu' runs on one GPU (the kernel is not partitioned "
-             f"yet), this run has {num_devices} devices; use matmul='xla'")
 
 
 def count_params(m) -> dict[str, int]:

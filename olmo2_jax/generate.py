@@ -119,18 +119,13 @@ class Generator:
     """
 
     def __init__(self, cfg: ModelConfig, params, mesh=None, *, cast_params: bool = True,
-                 unroll_layers: bool = True, decode_attention: str | None = None,
-                 cache_chunk: int | None = None):
+                 unroll_layers: bool = True, cache_chunk: int | None = None):
         if cache_chunk is not None and cache_chunk < 1:
             raise ValueError(f"cache_chunk={cache_chunk} must be >= 1 (or None)")
         self.cache_chunk = cache_chunk
         split = unroll_layers and cfg.scan_layers
         if split:
             cfg = dataclasses.replace(cfg, scan_layers=False)
-        if decode_attention is not None:
-            if decode_attention not in ("reduce", "einsum"):
-                raise ValueError(f"decode_attention={decode_attention!r}: reduce or einsum")
-            cfg = dataclasses.replace(cfg, decode_attention=decode_attention)
         self.cfg = cfg
         self.model = Transformer(cfg)
         self.mesh = mesh or jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),

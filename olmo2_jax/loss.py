@@ -6,6 +6,7 @@ the token count of the whole batch, exactly as one big batch would.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -13,9 +14,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import xent_gpu
-from kernels.attention import current_platform
-from olmo2_jax.config import LOSS_IMPLS as IMPLS
-from olmo2_jax.model import split_rows
+from olmo2_jax import ops
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """How a stage's token loss is computed: one frozen value from the config.
+
+    chunks > 0: the fused LM head + loss over that many sequence chunks (no [B, T, V]
+    logits); 0: full logits. logits_dtype: what the fused LM-head matmul writes ("bfloat16"
+    rounds as torch autocast does); kernels: config.model.kernels (ops.xent_rows)."""
+
+    z_loss_weight: float = 1e-5
+    chunks: int = 8
+    logits_dtype: str = "float32"
+    kernels: str = "auto"
+
+    @classmethod
+    def from_config(cls, config) -> "LossConfig":
+        t = config.train
+        return cls(z_loss_weight=float(t.z_loss_weight), chunks=int(t.loss_chunks),
+                   logits_dtype=t.loss_logits_dtype, kernels=config.model.kernels)
 
 
 def loss_sums(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array):
@@ -58,53 +77,25 @@ def logsumexp_one_pass(x: jax.Array) -> jax.Array:
 
 
 def fused_lm_head_loss(hidden_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array,
-                       mask_BT: jax.Array, z_loss_weight: float, n_chunks: int,
-                       logits_dtype=jnp.float32, impl: str = "auto"):
+                       mask_BT: jax.Array, cfg: LossConfig):
     """LM head + CE + z-loss without materialising the [B, T, V] logits.
 
     `hidden_BTD` is in the compute dtype, `w_DV` the (fp32) LM head weight.
     Returns (loss_sum, ce_sum, z_sum, count) where loss_sum = ce_sum + w * z_sum. Only
     loss_sum is differentiable (the rest are metrics; their cotangents are ignored).
-    The sequence is cut into `n_chunks` pieces scanned one at a time; each piece's
+    The sequence is cut into `cfg.chunks` pieces scanned one at a time; each piece's
     gradient is computed in the forward pass (the loss is the end of the graph), so the
     step runs the three LM-head matmuls once each, all in the compute dtype, with the
-    logits alive for one chunk only. `logits_dtype` is what the matmul writes (bf16 halves
-    the traffic of the passes over the logits); the softmax math is fp32 either way.
-    `impl` runs those passes (the logsumexp and the softmax gradient): "xla", "pallas"
-    (kernels/xent_gpu.py, GPUs; per shard of rows under a mesh) or "auto" (see `resolve`).
+    logits alive for one chunk only. The softmax math is fp32 whatever `cfg.logits_dtype`.
+    Its two passes over each chunk (logsumexp, softmax gradient) run on kernels/xent_gpu.py
+    where `ops.xent_rows` says so.
     """
     B, T, _ = hidden_BTD.shape
-    impl = resolve(impl, (B * (T // n_chunks), w_DV.shape[1]))
+    impl = ops.xent_rows(cfg.kernels, (B * (T // cfg.chunks), w_DV.shape[1]))
     loss, ce, z = _fused(hidden_BTD, w_DV, targets_BT.astype(jnp.int32),
-                         mask_BT.astype(jnp.float32), float(z_loss_weight), int(n_chunks),
-                         jnp.dtype(logits_dtype).name, impl)
+                         mask_BT.astype(jnp.float32), float(cfg.z_loss_weight), int(cfg.chunks),
+                         jnp.dtype(cfg.logits_dtype).name, impl)
     return loss, ce, z, jnp.sum(mask_BT.astype(jnp.float32))
-
-
-def resolve(impl: str, chunk_shape) -> str | tuple[str, ...]:
-    """config.train.loss_impl for one chunk of logits (rows, vocab): "xla", or the mesh axes
-    its rows are split over (a tuple, () on one device) when the Pallas passes run. "auto"
-    picks them on GPUs (+0.7% in the 1B step on the H200, docs/performance.md) wherever they
-    can run: the vocabulary unsplit and the chunk tiled exactly (kernels/xent_gpu.py)."""
-    if impl not in IMPLS:
-        raise ValueError(f"config.train.loss_impl={impl!r}: choose one of {IMPLS}")
-    if impl == "xla":
-        return "xla"
-    row_axes, shards, why = split_rows(("vocab",))
-    rows, vocab = chunk_shape[0] // shards, chunk_shape[1]
-    if why is None and not xent_gpu.supported((rows, vocab)):
-        why = (f"its chunks of {rows} rows x {vocab} vocabulary entries per device do not tile "
-               f"into {xent_gpu.TUNING}")
-    platform = current_platform()
-    if impl == "auto":
-        return row_axes if why is None and platform == "gpu" else "xla"
-    if platform != "gpu":
-        raise ValueError("config.train.loss_impl='pallas' needs a GPU, this step is compiled for "
-                         f"{platform!r}; use loss_impl='auto'")
-    if why is not None:
-        raise ValueError(f"config.train.loss_impl='pallas': the loss cannot run its kernels, "
-                         f"{why}; use loss_impl='auto' (XLA for the loss)")
-    return row_axes
 
 
 def _fused_scan(h, w, targets, mask, zw, n_chunks, logits_dtype, impl, with_grads):

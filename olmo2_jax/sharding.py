@@ -7,6 +7,8 @@ parallel over heads / MLP hidden / vocab). Only this module and the configs name
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 from flax import linen as nn
@@ -61,3 +63,45 @@ def logical_shardings(mesh: Mesh, tree):
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dim over data+fsdp, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def _names(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
+def split_rows(axes: tuple[str, ...]):
+    """How a row-wise kernel over logical `axes` of a (batch, seq, *axes) activation (a norm,
+    the loss's softmax) splits over the ambient mesh: (mesh axes of the rows, their number
+    of shards, None), or a reason the per-shard kernel cannot run (features or sequence
+    split) in place of None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return (), 1, None
+    spec = nn.logical_to_mesh_axes(("batch", "seq", *axes))
+
+    def split(entry):  # the mesh axes of one spec entry that really split it
+        return tuple(a for a in _names(entry) if mesh.shape[a] > 1)
+
+    if split(spec[1]):
+        return (), 1, f"the sequence is split over mesh axes {split(spec[1])}"
+    if any(split(e) for e in spec[2:]):
+        return (), 1, f"its features are split over mesh axes {sum(map(split, spec[2:]), ())}"
+    rows = split(spec[0])
+    return rows, math.prod(mesh.shape[a] for a in rows), None
+
+
+def shards(entry) -> int:
+    """How many pieces one PartitionSpec entry cuts its dim into on the ambient mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in _names(entry))
+
+
+def local_shape(shape: tuple[int, ...], axes: tuple[str, ...]):
+    """(PartitionSpec over the ambient mesh, or None without one; the per-device shape) of an
+    activation of `shape` with logical `axes`: what a kernel run per shard sees."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return None, tuple(shape)
+    spec = P(*nn.logical_to_mesh_axes(axes))
+    return spec, tuple(d // shards(e) for d, e in zip(shape, spec))

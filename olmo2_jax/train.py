@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import os
 import signal
 import threading
@@ -24,7 +23,8 @@ from olmo2_jax import config as config_lib
 from olmo2_jax import guard as guard_lib
 from olmo2_jax import metrics as metrics_lib
 from olmo2_jax import optim, sharding
-from olmo2_jax.loss import fused_lm_head_loss, loss_sums
+from olmo2_jax.data import loader as data_loader
+from olmo2_jax.loss import LossConfig, fused_lm_head_loss, loss_sums
 from olmo2_jax.model import ModelConfig, Transformer
 
 
@@ -69,49 +69,33 @@ def create_state(model, tx, mesh, rng, skip_window: int = 0):
     return init(rng), shardings
 
 
-def loss_options(t) -> dict:
-    """make_train_step's loss arguments from `config.train`, for every caller that builds the
-    step from a config (training, benches, AOT compile): a new loss setting is added here."""
-    return dict(z_loss_weight=t.z_loss_weight, loss_chunks=t.loss_chunks,
-                loss_logits_dtype=t.loss_logits_dtype, loss_impl=t.loss_impl)
-
-
-def compiler_options(t, mesh) -> dict | None:
-    """XLA options the train step compiles with, from `config.train`: on GPUs,
-    train.gpu_triton_gemm."""
-    if mesh.devices.flat[0].platform != "gpu" or t.gpu_triton_gemm:
-        return None
-    return {"xla_gpu_enable_triton_gemm": False}
-
-
-def jit_train_step(model: Transformer, tx, schedule, t, *, accum_steps: int, mesh, shardings,
-                   batch_sharding, skip_sigma: float = 0.0):
+def jit_train_step(model: Transformer, tx, schedule, loss: LossConfig, *, accum_steps: int,
+                   mesh, shardings, batch_sharding, skip_sigma: float = 0.0):
     """The train step jitted as every caller runs it (training, benches, AOT compile): state
-    sharded in and out and donated; loss and compiler options from `config.train` (t)."""
+    sharded in and out and donated."""
     return jax.jit(
-        make_train_step(model, tx, schedule, accum_steps=accum_steps, **loss_options(t),
-                        mesh=mesh, skip_sigma=skip_sigma),
+        make_train_step(model, tx, schedule, loss, accum_steps=accum_steps, mesh=mesh,
+                        skip_sigma=skip_sigma),
         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-        donate_argnums=(0,), compiler_options=compiler_options(t, mesh))
+        donate_argnums=(0,))
 
 
-def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_loss_weight: float,
-                    loss_chunks: int = 0, loss_logits_dtype: str = "float32",
-                    loss_impl: str = "auto", mesh=None, skip_sigma: float = 0.0):
+def make_train_step(model: Transformer, tx, schedule, loss: LossConfig, *, accum_steps: int,
+                    mesh=None, skip_sigma: float = 0.0):
     """Returns the pure train_step. With accum_steps > 1 the batch is split into that many
     micro-batches, scanned with summed gradients, and normalised by the total count of
-    loss tokens, so the update equals that of the whole batch at once. loss_chunks > 0
+    loss tokens, so the update equals that of the whole batch at once. loss.chunks > 0
     uses the fused LM-head loss (no [B, T, V] logits); 0 materialises the logits.
     A non-finite (or, with skip_sigma > 0, spiking) step is skipped: see guard.py."""
+    z_loss_weight = loss.z_loss_weight
 
     def loss_fn(params, batch):
         args = (batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-        if loss_chunks:
+        if loss.chunks:
             hidden = model.apply({"params": params}, *args, method=Transformer.hidden)
-            loss, ce, z, n = fused_lm_head_loss(hidden, params["lm_head"], batch["targets"],
-                                                batch["loss_mask"], z_loss_weight, loss_chunks,
-                                                loss_logits_dtype, loss_impl)
-            return loss, (ce, z, n)
+            total, ce, z, n = fused_lm_head_loss(hidden, params["lm_head"], batch["targets"],
+                                                 batch["loss_mask"], loss)
+            return total, (ce, z, n)
         ce, z, n = loss_sums(model.apply({"params": params}, *args), batch["targets"],
                              batch["loss_mask"])
         return ce + z_loss_weight * z, (ce, z, n)
@@ -158,91 +142,11 @@ def make_train_step(model: Transformer, tx, schedule, *, accum_steps: int, z_los
     return train_step
 
 
-def _data_tokenizer(config):
-    from olmo2_jax.data.tokenizer import load_tokenizer
-    try:
-        tok = load_tokenizer(config.data.tokenizer)
-    except (ValueError, OSError) as e:
-        raise config_lib.ConfigError(f"config.data.tokenizer={config.data.tokenizer!r}: {e}") from e
-    if tok.vocab_size > config.model.vocab_size:
-        raise config_lib.ConfigError(
-            f"config.data.tokenizer={config.data.tokenizer!r} has {tok.vocab_size} tokens but "
-            f"config.model.vocab_size={config.model.vocab_size}; raise the model's vocab_size")
-    return tok
-
-
-def _mix_sources(config):
-    from olmo2_jax.data import mixture
-    try:
-        return mixture.read_mix(config.data.mix, tokenizer_id=_data_tokenizer(config).name,
-                                base=config.data.mix_base)
-    except (ValueError, OSError) as e:
-        raise config_lib.ConfigError(f"config.data.mix: {e}") from e
-
-
-def resolve_data(config) -> tuple[list[str], int | None]:
-    """(token files, tokenizer vocab or None). No paths -> the embedded default corpus."""
-    if config.data.mix:
-        return [p for s in _mix_sources(config) for p in s.paths], None
-    if not config.data.paths:
-        from olmo2_jax.data import corpus
-        files = corpus.prepare_default_corpus(vocab_size=config.data.corpus_vocab_size)
-        if config.model.vocab_size != config.data.corpus_vocab_size:
-            raise config_lib.ConfigError(
-                f"the embedded corpus has a {config.data.corpus_vocab_size}-token vocabulary but "
-                f"config.model.vocab_size={config.model.vocab_size}; set "
-                f"--config.model.vocab_size={config.data.corpus_vocab_size} "
-                "(and padded_vocab_size), or point config.data.paths at your own token files")
-        return [files.tokens_path], config.data.corpus_vocab_size
-    paths = []
-    for pattern in (p.strip() for p in config.data.paths.split(",") if p.strip()):
-        found = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
-        if not found:
-            raise FileNotFoundError(f"config.data.paths: {pattern!r} matches no file")
-        paths.extend(found)
-    return paths, None
-
-
-def make_data_iterator(config, paths: list[str]):
-    """The Grain iterator of per-process batches; bad files surface as a ConfigError."""
-    from olmo2_jax.data import mixture, pipeline
-    d = config.data
-    if d.document_masking:
-        if d.mix or d.paths:
-            eos_id = _data_tokenizer(config).eos_id
-        else:
-            from olmo2_jax.data import corpus
-            eos_id = corpus.EOS_ID
-    instance = pipeline.InstanceOptions(
-        eos_id=eos_id if d.document_masking else None, document_masking=d.document_masking,
-        ngram_max_period=d.ngram_max_period, ngram_min_repeats=d.ngram_min_repeats)
-    mix = {}
-    if d.mix:
-        sources = _mix_sources(config)
-        try:
-            mix = {"sources": sources}
-            if d.weights:
-                mix["weights"] = mixture.source_weights(sources, d.weights)
-            if d.repeats:
-                mix["repeats"] = mixture.source_repeats(sources, d.repeats)
-        except ValueError as e:
-            raise config_lib.ConfigError(str(e)) from e
-        paths = None
-    try:
-        return pipeline.make_iterator(
-            paths, seq_len=d.seq_len, global_batch_size=config.train.global_batch_size,
-            seed=d.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), num_workers=d.num_workers,
-            vocab_size=config.model.vocab_size, instance=instance, **mix)
-    except ValueError as e:
-        raise config_lib.ConfigError(f"config.data.{'mix' if d.mix else 'paths'}: {e}") from e
-
-
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training to config.train.steps; returns the last logged metrics
     (with "preempted": True when a SIGTERM stopped it early, after a committed save)."""
     config_lib.validate(config, jax.device_count())
-    paths, _ = resolve_data(config)
+    data = data_loader.from_config(config)
     mesh = sharding.make_mesh(config)
     model = Transformer(ModelConfig.from_config(config.model))
     tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
@@ -259,7 +163,7 @@ def train(config, workdir: str) -> dict:
             "checkpoints on GCS with "
             f"--config.checkpoint.directory={workdir.rstrip('/')}/checkpoints")
     init_from = _check_init_from(config) if t.init_from else None
-    data_iter = make_data_iterator(config, paths)
+    data_iter = data.iterator(jax.process_index(), jax.process_count())
     manager = checkpoint.make_manager(config.checkpoint.directory
                                       or os.path.join(workdir, "checkpoints"),
                                       keep=config.checkpoint.keep,
@@ -290,7 +194,8 @@ def train(config, workdir: str) -> dict:
                   f"{tokens_per_step:,} tokens/step, {accum} micro-batch(es) | "
                   f"{'resuming from step ' + str(start) if start else 'fresh start'} | "
                   f"workdir {workdir}", flush=True)
-        step_fn = jit_train_step(model, tx, schedule, t, accum_steps=accum, mesh=mesh,
+        step_fn = jit_train_step(model, tx, schedule, LossConfig.from_config(config),
+                                 accum_steps=accum, mesh=mesh,
                                  shardings=shardings, batch_sharding=batch_sharding,
                                  skip_sigma=t.skip_sigma)
         writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start,

@@ -81,100 +81,6 @@ def test_kernel_profile_folds_layers_into_one_row_per_source():
     assert "tflops" not in rows[1]
 
 
-def test_gemm_bench_times_the_steps_shapes_and_refuses_mgpu_off_gpu(tmp_path, monkeypatch, capsys):
-    import json
-    import sys
-
-    from bench import gemm
-
-    out = tmp_path / "gemm.json"
-    monkeypatch.setattr(sys, "argv", ["gemm.py", "--impls=xla", "--tokens=64",
-                                      "--shapes=attn_proj,swiglu", f"--out={out}"])
-    gemm.main()
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["shape"] for r in rows] == ["attn_proj", "swiglu_fwd"]
-    assert rows[0]["mkn"] == [64, 2048, 2048] and rows[0]["tflops"] > 0
-    assert rows[1]["with_product_ms"] > 0
-    monkeypatch.setattr(sys, "argv", ["gemm.py", "--impls=mgpu"])
-    with pytest.raises(SystemExit):
-        gemm.main()
-    assert "need a Hopper GPU" in capsys.readouterr().err
-
-
-def test_gemm_bench_wgrad_variants_compute_the_same_weight_gradient(tmp_path, monkeypatch):
-    """Every way the bench writes dW = x^T dy (bf16/fp32 output, + an fp32 accumulator,
-    operands swapped) gives x^T dy; the fp32 ones to fp32 rounding."""
-    import json
-    import sys
-
-    from bench import gemm
-
-    out = tmp_path / "wgrad.json"
-    monkeypatch.setattr(gemm, "WGRAD", {"attn_proj": (64, 64), "mlp_up": (64, 256),
-                                        "mlp_down": (256, 64)})
-    monkeypatch.setattr(sys, "argv", ["gemm.py", "--impls=xla", "--tokens=32",
-                                      "--shapes=wgrad", f"--out={out}"])
-    gemm.main()
-    rows = json.loads(out.read_text())["rows"]
-    assert {r["shape"] for r in rows} == {"wgrad_attn_proj", "wgrad_mlp_up", "wgrad_mlp_down"}
-    by = {(r["shape"], r["variant"]): r for r in rows}
-    assert len(by) == 3 * 9  # forward + 8 variants per shape (one Triton setting off GPUs)
-    for (shape, variant), r in by.items():
-        if variant.startswith("f32"):
-            assert r["max_rel_err"] < 1e-5, (shape, variant, r)
-        elif variant != "forward x @ w":
-            assert r["max_rel_err"] < 1e-2, (shape, variant, r)
-
-
-def test_lower_cuda_counts_the_kernels_a_gpu_compile_builds(monkeypatch, capsys):
-    """One layer, model.matmul=mgpu: 21 GEMM calls (7 weights x forward, input and weight
-    gradients) share 11 distinct Mosaic kernels, each built once on the GPU."""
-    import json
-    import sys
-
-    from bench import lower_cuda
-    from kernels import matmul_mgpu
-    from olmo2_jax import model as model_lib
-
-    monkeypatch.setattr(model_lib, "current_platform", model_lib.current_platform)  # restored
-    monkeypatch.setattr(matmul_mgpu, "_matmul", matmul_mgpu._matmul)
-    monkeypatch.setattr(sys, "argv", ["lower_cuda.py", "--set=model.matmul=mgpu,model.n_layers=1",
-                                      "--batch=1", "--seq=256"])
-    lower_cuda.main()
-    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert (row["matmul_calls"], row["mosaic_call_sites"], row["distinct_kernels"]) == (21, 11, 11)
-
-
-def test_gemm_bench_times_xla_as_the_step_runs_it():
-    """The XLA baseline is a bf16-output dot (as the step's einsums), not an fp32 output and a
-    cast: timing that made XLA look 1-15% slower than it runs in the step."""
-    import jax
-    import jax.numpy as jnp
-
-    from bench import gemm
-
-    a, b, c = (jnp.ones(s, jnp.bfloat16) for s in ((64, 32), (48, 32), (64, 48)))
-    for cs in ((), (c,)):
-        eqns = jax.make_jaxpr(lambda a, b, *cs: gemm.step_dot(a, b, False, True, *cs))(
-            a, b, *cs).eqns
-        assert [e.primitive.name for e in eqns] == ["transpose", "dot_general", "add"][:2 + len(cs)]
-        assert all(e.outvars[0].aval.dtype == jnp.bfloat16 for e in eqns)
-
-
-def test_gemm_bench_rows_for_our_kernel_in_each_layout(xla_gemms):
-    """bench/gemm's `ours` path, XLA standing in for the kernel: per layout the XLA row and
-    the best swept setting of ours (checked against XLA first), plus nt with c added."""
-    from bench import gemm
-
-    xla_gemms()
-    rows = gemm.bench_shape("attn_proj", 256, 256, 512, {"xla", "ours"}, quick=True)
-    assert [(r["layout"], r["impl"]) for r in rows] == [
-        ("nn", "xla"), ("nn", "ours"), ("nt", "xla"), ("nt", "ours"), ("nt+c", "xla"),
-        ("nt+c", "ours"), ("tn", "xla"), ("tn", "ours")]
-    assert all(r["max_rel_err"] == 0.0 for r in rows if r["impl"] == "ours")
-    assert rows[1]["tuned_wg"] == "M" and rows[1]["config"]["tile"] == (128, 128, 64, 4)
-
-
 def test_rmsnorm_bench_checks_then_times_both(capsys):
     """bench/rmsnorm on the CPU through Pallas' interpreter: XLA's and our rows per shape,
     ours checked against XLA's forward, dx and dscale first."""
@@ -201,8 +107,8 @@ def test_swiglu_bench_checks_then_times_both():
     assert [(r["impl"], r["what"]) for r in rows] == [
         ("xla", "fwd+bwd"), ("xla", "bwd"), ("ours", "fwd+bwd"), ("ours", "bwd")]
     assert all(r["ms"] > 0 for r in rows) and max(rows[-1]["max_rel_err_vs_fp32"]) < 1e-2
-    rows = swiglu.bench_gated(8, D=64, F=256, interpret=True)  # GEMMs + gate, three ways
-    assert [r["impl"] for r in rows] == ["xla", "ours", "grouped"]
+    rows = swiglu.bench_mlp(8, D=64, F=256, interpret=True)  # GEMMs (ops.dense) + gate
+    assert [r["impl"] for r in rows] == ["xla", "ours"]
     assert all(r["ms"] > 0 and max(r["max_rel_err_vs_xla"]) < 2e-2 for r in rows)
 
 
@@ -242,10 +148,101 @@ def test_train_step_bench_times_a_config_on_the_cpu():
     from bench import train_step
 
     r = train_step.bench("configs/tiny.py", seq=32, overrides="train.global_batch_size=8",
-                         steps=2, warmup=1)
+                         steps=3, warmup=1)
     assert r["batch"] == 8 and r["seq"] == 32 and r["step_s"] > 0 and r["tok_s"] > 0
     assert r["step_s_spread"][0] <= r["step_s"] <= r["step_s_spread"][1]
     assert 0 < r["loss"] < 20 and "gpu_clock" not in r
+
+
+def test_train_step_times_transformers_at_each_variants_batch(tmp_path, monkeypatch, capsys):
+    """transformers runs at the variant's own global batch (once per distinct batch, before
+    any variant), or at --transformers-batch; not beside a variant of another model shape.
+    Each variant's ratio is to the run at its batch, and the table names that batch."""
+    import json
+    import sys
+
+    from bench import train_step
+
+    variants = [("a", "train.global_batch_size=8"), ("b", "train.global_batch_size=4"),
+                ("c", "train.global_batch_size=8,model.remat=full"), ("d", "model.n_layers=1"),
+                ("e", "model.no_such_key=1")]
+    assert train_step.transformers_batches("configs/tiny.py", 32, variants, None) == [
+        8, 4, 8, None, None]
+    assert train_step.transformers_batches("configs/tiny.py", 32, variants, 2) == [
+        2, 2, 2, None, None]
+
+    asked = []
+
+    def fake_transformers(args, batch):
+        asked.append(batch)
+        return {"impl": "transformers+compile", "batch": batch, "seq": args.seq,
+                "tok_s": 100 * batch, "step_s": 0.01, "step_s_spread": [0.01, 0.01],
+                "peak_gib": 0.0}
+
+    def fake_bench(config_path, seq, overrides, steps, warmup):
+        assert (steps, warmup) == (3, 1)
+        c = train_step.variant_config(config_path, seq, overrides)
+        B = c.train.global_batch_size
+        return {"batch": B, "seq": seq, "step_s": 0.01, "tok_s": 200 * B, "mfu": 0.0,
+                "peak_gib": 0.0, "compile_s": 0.0, "loss": 1.0, "step_s_spread": [0.01, 0.01]}
+
+    monkeypatch.setattr(train_step, "_transformers_step", fake_transformers)
+    monkeypatch.setattr(train_step, "bench", fake_bench)
+    out = tmp_path / "ts.json"
+    monkeypatch.setattr(sys, "argv", [
+        "train_step.py", "--config=configs/tiny.py", "--seq=32", "--steps=3", "--warmup=1",
+        "--transformers=compile", f"--out={out}",
+        *(f"--variant={n}:{o}" for n, o in variants[:3])])
+    train_step.main()
+    assert asked == [8, 4]
+    res = json.loads(out.read_text())
+    assert [t["batch"] for t in res["transformers"]] == [8, 4]
+    assert [(r["transformers_batch"], r["vs_transformers"]) for r in res["results"]] == [
+        (8, 2.0), (4, 2.0), (8, 2.0)]
+    table = capsys.readouterr().out.split("\n\n")[-1]
+    assert "2.00 @b4" in table and "transformers+compile b4" in table
+
+    monkeypatch.setattr(sys, "argv", ["train_step.py", "--steps=2"])
+    with pytest.raises(SystemExit):
+        train_step.main()
+    assert "--steps must be >= 3" in capsys.readouterr().err
+
+
+def test_generate_bench_times_both_sides_warm_at_the_same_shapes(tmp_path, capsys):
+    """bench/generate at the tiny shape on the CPU: transformers' static cache (in its own
+    process) and our Generator, each median and min/max of 3 timed calls after a warm-up at
+    the timed shapes, and the roofline from --hbm_gb_s; the table comes last."""
+    import json
+
+    from bench import generate
+
+    out = tmp_path / "gen.json"
+    res = generate.main(["--tiny", "--hbm_gb_s=100", f"--out={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    rows = {r["impl"]: r for r in res["results"]}
+    assert list(rows) == ["transformers", "olmo2_jax"] and rows["transformers"]["mode"] == "static"
+    for r in rows.values():
+        assert "error" not in r, r
+        assert len(r["all_seconds"]) == 3
+        lo, hi = r["seconds_spread"]
+        assert lo <= r["seconds"] <= hi and r["new_tokens_per_s"] == 4 * 16 / r["seconds"]
+    assert 0 < rows["olmo2_jax"]["prefill_seconds"] < rows["olmo2_jax"]["seconds"]
+    assert res["env"]["transformers"] and res["env"]["jax_device"] == "cpu"
+    assert res["roofline_new_tokens_per_s"] == 4 * 100e9 / res["bytes_per_decode_step"]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("HBM roofline")
+
+
+def test_generate_bench_warms_up_before_timing_and_knows_the_cards():
+    from bench import generate
+
+    calls = []
+    times = generate.timed(lambda: len(calls), calls.append, lambda: None, warmup=2, repeats=3)
+    assert calls == [0, 1, 2, 3, 4] and len(times) == 3
+    assert generate.hbm_gb_s("NVIDIA H100 80GB HBM3") == 3350
+    assert generate.hbm_gb_s("NVIDIA H200") == 4800
+    assert generate.hbm_gb_s("NVIDIA GH200 480GB") is None and generate.hbm_gb_s("cpu") is None
+    with pytest.raises(SystemExit):
+        generate.parse(["--tiny", "--repeats=2", "--out=/dev/null"])
 
 
 def test_xent_bench_checks_then_times_each_pass(monkeypatch):

@@ -1,8 +1,10 @@
 """Config validation errors name the key and the fix; params and FLOPs accounting."""
 
+import os
 import re
 import runpy
 
+import ml_collections
 import pytest
 
 from olmo2_jax import config as config_lib
@@ -26,30 +28,8 @@ def tiny():
     (dict(mesh=dict(data=-1, fsdp=-1)), 8, "at most one of"),
     (dict(train=dict(global_batch_size=12)), 8, "micro-batch of 12 sequences is not divisible by the data-parallel size 8"),
     (dict(mesh=dict(tensor=8, fsdp=1)), 8, "config.mesh.tensor=8 must divide n_heads=6"),
-    (dict(model=dict(matmul="cublas")), None, "config.model.matmul='cublas': choose one of"),
-    (dict(model=dict(matmul="mgpu", dtype="float32")), None,
-     "config.model.matmul='mgpu' multiplies bfloat16 or float16, not dtype='float32'"),
-    (dict(model=dict(matmul="mgpu", dtype="bfloat16")), 8,
-     "config.model.matmul='mgpu' runs on one GPU"),
-    (dict(model=dict(norm_impl="triton")), None, "config.model.norm_impl='triton': choose one of"),
-    (dict(model=dict(weight_grad_dtype="fp32")), None,
-     "config.model.weight_grad_dtype='fp32': choose one of"),
-    (dict(model=dict(weight_grad_dtype="float32", matmul="mgpu", dtype="bfloat16")), None,
-     "config.model.weight_grad_dtype='float32' needs matmul='xla'"),
-    (dict(model=dict(input_grad_sum="fused")), None,
-     "config.model.input_grad_sum='fused': choose one of"),
-    (dict(model=dict(input_grad_sum="gemm", matmul="mgpu", dtype="bfloat16",
-                     weight_grad_dtype="bfloat16")), None,
-     "config.model.input_grad_sum='gemm' builds on XLA's GEMMs"),
-    (dict(model=dict(norm_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
-     "config.model.norm_impl='pallas' needs config.mesh.tensor=1"),
-    (dict(model=dict(rope_impl="triton")), None, "config.model.rope_impl='triton': choose one of"),
-    (dict(model=dict(mlp_impl="fused")), None, "config.model.mlp_impl='fused': choose one of"),
-    (dict(model=dict(mlp_impl="pallas_grouped", matmul="mgpu", dtype="bfloat16",
-                     weight_grad_dtype="bfloat16")), None,
-     "config.model.mlp_impl='pallas_grouped' runs the gate/up GEMMs through XLA"),
-    (dict(model=dict(rope_impl="pallas"), mesh=dict(tensor=2, fsdp=-1)), 8,
-     "config.model.rope_impl='pallas' needs config.mesh.tensor=1"),
+    (dict(model=dict(kernels="pallas")), None, "config.model.kernels='pallas': choose one of"),
+    (dict(model=dict(remat="dots_plus")), None, "config.model.remat='dots_plus': choose one of"),
 ])
 def test_validation_errors_are_clear(change, devices, message):
     c = tiny()
@@ -81,3 +61,23 @@ def test_flops_per_token_matches_the_palm_convention():
     n_matmul = 1484916736 - 100352 * 2048 - (16 * 4 * 2048 + 2048)
     assert config_lib.flops_per_token(c.model, 4096) == 6 * n_matmul + 12 * 16 * 2048 * 4096
     assert config_lib.flops_per_token(c.model, 4096) == 9286189056
+
+
+def test_readme_config_table_lists_every_key():
+    """Every key of base_config() has a row in the README's config table, as `section.key`
+    or inside a `section.{a,b}` group; and the table names no key that does not exist."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    table = readme[readme.index("## Config keys"):]
+    table = table[:table.index("\n## ")]
+    listed = set()
+    for cell in re.findall(r"^\| ([^|]+) \|", table, re.M):
+        for name in re.findall(r"`([a-z_]+(?:\.(?:\{[a-z0-9_,]+\}|[a-z0-9_]+))?)`", cell):
+            section, _, keys = name.partition(".")
+            listed.update(f"{section}.{k}" if keys else section
+                          for k in keys.strip("{}").split(","))
+    c = config_lib.base_config()
+    keys = {f"{s}.{k}" if isinstance(v, ml_collections.ConfigDict) else s
+            for s, v in c.items() for k in (v.keys() if isinstance(v, ml_collections.ConfigDict)
+                                            else [None])}
+    assert keys - listed == set(), "not in README's config table"
+    assert listed - keys == set(), "in README's config table but not a config key"

@@ -83,8 +83,6 @@ def test_batch_and_mesh_do_not_change_tokens(tiny):
     assert sharded.batch_multiple == 8
     assert sharded(PROMPTS, max_new_tokens=10) == batched
     assert Generator(TINY, params, unroll_layers=False)(PROMPTS, max_new_tokens=10) == batched
-    einsum = Generator(TINY, params, decode_attention="einsum")
-    assert einsum(PROMPTS, max_new_tokens=10) == batched
     chunked = Generator(TINY, params, cache_chunk=4)  # segments of 4, 4, 2 steps
     assert chunked(PROMPTS, max_new_tokens=10) == batched
 

@@ -122,15 +122,13 @@ def test_tpu_kernels_compile_ahead_of_time_for_v5p():
 def test_model_dispatch_runs_per_shard_under_the_mesh(monkeypatch):
     """config.model.attention='pallas' inside jit on a (data, fsdp, tensor) mesh: the kernel
     runs per (batch, heads) shard and matches XLA attention, gradients included."""
-    import functools
-
     from flax import linen as nn
     from jax.sharding import Mesh
 
-    from olmo2_jax import model, sharding
+    from olmo2_jax import ops, sharding
 
     # On the CPU the kernels only run interpreted; the model itself never interprets.
-    monkeypatch.setattr(model, "flash_attention",
+    monkeypatch.setattr(ops, "flash_attention",
                         functools.partial(flash_attention, backend="gpu", interpret=True))
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 2, 4), sharding.MESH_AXES)
     B, T, N, K, H = 2, 64, 8, 4, 64  # per tensor shard: 2 query heads, 1 kv head
@@ -141,7 +139,7 @@ def test_model_dispatch_runs_per_shard_under_the_mesh(monkeypatch):
     seg = jnp.cumsum(jax.random.bernoulli(ks[3], 0.05, (B, T)), axis=1)
 
     def loss(impl, q, k, v):
-        out = model.dot_product_attention(q, k, v, seg, impl)
+        out = ops.attention(q, k, v, seg, impl)
         return jnp.sum(out.astype(jnp.float32) * jnp.arange(H)), out
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
@@ -158,15 +156,21 @@ def test_model_dispatch_runs_per_shard_under_the_mesh(monkeypatch):
     mesh8 = Mesh(np.array(jax.devices()[:8]).reshape(1, 1, 8), sharding.MESH_AXES)
     with jax.set_mesh(mesh8), nn.logical_axis_rules(sharding.RULES):
         with pytest.raises(ValueError, match="n_kv_heads=4 does not split over the 8 devices"):
-            model.dot_product_attention(q, k, v, seg, "pallas")
+            ops.attention(q, k, v, seg, "pallas")
 
 
-def test_auto_attention_and_config_checks():
+def test_auto_attention_and_config_checks(monkeypatch):
+    from kernels import attention
     from olmo2_jax import config as config_lib
-    from olmo2_jax import model
+    from olmo2_jax import ops
 
-    assert model.attention_impl("auto") == "xla"  # CPU
-    assert model.attention_impl("pallas") == "pallas"
+    assert ops.attention_impl("auto") == "xla"  # CPU
+    assert ops.attention_impl("pallas") == "pallas"
+    # attention='pallas' on a GPU: the Hopper kernels on sm90, the Triton-lowered ones elsewhere
+    monkeypatch.setattr(attention, "current_platform", lambda: "gpu")
+    for arch, backend in (("9.0", "mgpu"), ("8.0", "gpu"), (None, "gpu")):
+        monkeypatch.setattr(attention, "_local_gpu_arch", lambda arch=arch: arch)
+        assert attention.default_backend() == backend
     c = runpy.run_path("configs/tiny.py")["get_config"]()  # head_dim 32
     c.model.attention = "pallas"
     with pytest.raises(config_lib.ConfigError, match="supports head_dim 64 or 128, not 32"):
@@ -262,108 +266,12 @@ def test_mosaic_gpu_backend_falls_back_where_it_does_not_apply():
     assert _max_rel_err(out, reference_attention(q, q, q, seg)) < 2 * BF16_EPS
 
 
-MATMUL_LAYOUTS = {"nn": (False, False), "nt": (False, True), "tn": (True, False)}
-
-
-def _layout_shapes(m, k, n, layout):
-    ta, tb = MATMUL_LAYOUTS[layout]
-    return ((k, m) if ta else (m, k)), ((n, k) if tb else (k, n))
-
-
-@pytest.mark.parametrize("wg", ["M", "N"])
-@pytest.mark.parametrize("layout", list(MATMUL_LAYOUTS))
-@pytest.mark.parametrize("M,K,N", [(32768, 2048, 8192), (32768, 8192, 2048), (512, 256, 768)])
-def test_mosaic_gpu_matmul_lowers_for_hopper(M, K, N, layout, wg):
-    """The GEMM builds and fits shared memory in the dense layer's three layouts, with the
-    two consumer warpgroups split along M or N; its numbers are checked against XLA on the
-    H200 by bench/gemm.py (max error 0.0 at the 1B shapes, docs/performance.md)."""
-    from kernels import matmul_mgpu
-
-    ta, tb = MATMUL_LAYOUTS[layout]
-    a, b = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in _layout_shapes(M, K, N, layout))
-    tuning = {**matmul_mgpu.TUNING, "wg": wg}
-    assert _gpu_kernel_calls(functools.partial(matmul_mgpu.matmul, transpose_a=ta,
-                                               transpose_b=tb, tuning=tuning), a, b) == 1
-
-
-@pytest.mark.parametrize("cluster", ["M", "N"])
-@pytest.mark.parametrize("layout", list(MATMUL_LAYOUTS))
-def test_mosaic_gpu_matmul_lowers_with_a_cta_cluster(layout, cluster):
-    """Two CTAs per cluster sharing one operand's blocks (TMA multicast) along M or N."""
-    from kernels import matmul_mgpu
-
-    ta, tb = MATMUL_LAYOUTS[layout]
-    a, b = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in _layout_shapes(1024, 512, 1024, layout))
-    tuning = {**matmul_mgpu.TUNING, "cluster": cluster}
-    assert _gpu_kernel_calls(functools.partial(matmul_mgpu.matmul, transpose_a=ta,
-                                               transpose_b=tb, tuning=tuning), a, b) == 1
-    assert not matmul_mgpu.supported((256, 512), (512, 128), tuning=tuning)  # one CTA tile
-
-
-@pytest.mark.parametrize("wg", ["M", "N"])
-@pytest.mark.parametrize("layout", ["nn", "nt"])
-def test_mosaic_gpu_matmul_adding_c_lowers_for_hopper(layout, wg):
-    """op(a) @ op(b) + c, c read in the epilogue (the input gradients' sum), at the 1B
-    attention and MLP-down shapes."""
-    from kernels import matmul_mgpu
-
-    ta, tb = MATMUL_LAYOUTS[layout]
-    for M, K, N in [(32768, 2048, 2048), (32768, 8192, 2048)]:
-        a, b = (jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in _layout_shapes(M, K, N, layout))
-        c = jax.ShapeDtypeStruct((M, N), jnp.bfloat16)
-        f = functools.partial(matmul_mgpu.matmul, transpose_a=ta, transpose_b=tb,
-                              tuning={**matmul_mgpu.TUNING, "wg": wg})
-        assert _gpu_kernel_calls(f, a, b, c) == 1
-
-
-def test_matmul_mgpu_refuses_what_it_cannot_run():
-    from kernels import matmul_mgpu
-
-    a = jnp.zeros((512, 256), jnp.bfloat16)
-    with pytest.raises(ValueError, match="bf16 or fp16"):
-        matmul_mgpu.matmul(a, jnp.zeros((256, 256), jnp.float32))
-    with pytest.raises(ValueError, match="multiples of the tiles"):
-        matmul_mgpu.matmul(a[:, :100], jnp.zeros((100, 256), jnp.bfloat16))
-    with pytest.raises(ValueError, match="c is"):
-        matmul_mgpu.matmul(a, jnp.zeros((256, 256), jnp.bfloat16), jnp.zeros((512, 128),
-                                                                              jnp.bfloat16))
-    assert not matmul_mgpu.dense_supported((2, 100, 256), (256, 512))
-    assert matmul_mgpu.dense_supported((2, 256, 256), (256, 512))
-
-
-def test_dense_forward_and_gradients_match_einsum(xla_gemms):
-    from kernels import matmul_mgpu
-
-    xla_gemms()
-    kx, kw, kd = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (2, 256, 256), jnp.float32).astype(jnp.bfloat16)
-    w = (jax.random.normal(kw, (256, 768)) * 0.05).astype(jnp.bfloat16)
-    dy = jax.random.normal(kd, (2, 256, 768), jnp.float32).astype(jnp.bfloat16)
-    y, vjp = jax.vjp(matmul_mgpu.dense, x, w)
-    y_ref, vjp_ref = jax.vjp(lambda x, w: jnp.einsum("btk,kn->btn", x, w), x, w)
-    for got, want in zip((y, *vjp(dy)), (y_ref, *vjp_ref(dy))):
-        assert got.shape == want.shape and got.dtype == want.dtype
-        assert _max_rel_err(got, want) < 2 * BF16_EPS
-    # three projections of one x: their input gradients summed through c
-    w2, w3 = w[:, :512] * 2, w[:, 256:] - 0.01
-    dys = (dy, dy[..., :512], -dy[..., 256:])
-    ys, vjp = jax.vjp(matmul_mgpu.dense_multi, x, w, w2, w3)
-    ys_ref, vjp_ref = jax.vjp(lambda x, *ws: tuple(x @ w for w in ws), x, w, w2, w3)
-    for got, want in zip((*ys, *vjp(dys)), (*ys_ref, *vjp_ref(dys))):
-        assert got.shape == want.shape and got.dtype == want.dtype
-        assert _max_rel_err(got, want) < 3 * BF16_EPS
-
-
 def test_mosaic_gpu_kernels_carry_names_a_profile_can_class():
     """Pallas names a kernel after its body; ours are partials, which would all be
     "anonymous" and land in bench/kernel_profile's "other" class."""
-    from kernels import matmul_mgpu
-
     def lowered(f, *args):
         return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
-    a = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16)
-    assert "matmul_nt" in lowered(lambda a, b: matmul_mgpu.matmul(a, b, transpose_b=True), a, a)
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
     text = lowered(lambda q: jax.grad(lambda q: flash_attention(
         q, q, q, backend="mgpu").astype(jnp.float32).sum())(q), q)
@@ -403,7 +311,7 @@ def test_rmsnorm_kernel_refuses_what_it_cannot_run_and_lowers_for_cuda():
 
     x = jnp.zeros((8, 96), jnp.bfloat16)
     assert not rmsnorm_gpu.supported(x.shape, (96,))
-    with pytest.raises(ValueError, match="feature width must be a power of two.*norm_impl='xla'"):
+    with pytest.raises(ValueError, match="feature width must be a power of two.*kernels='xla'"):
         rmsnorm_gpu.rms_norm(x, jnp.ones((96,)), 1e-6)
     with pytest.raises(ValueError, match="scale .* must match"):
         rmsnorm_gpu.rms_norm(x, jnp.ones((64,)), 1e-6)
@@ -470,59 +378,12 @@ def test_swiglu_one_pass_backward_matches_fp32_autodiff_and_lowers_for_cuda():
         np.testing.assert_allclose(got, ref, rtol=8e-3, atol=8e-3 * np.max(np.abs(ref)))
         assert np.mean(np.abs(got - ref)) < np.mean(np.abs(bf16 - ref))
     assert not S.supported((2, 16, 96)) and not S.supported((3, 1024))
-    with pytest.raises(ValueError, match="must split into tiles.*mlp_impl='xla'"):
+    with pytest.raises(ValueError, match="must split into tiles.*kernels='xla'"):
         jax.grad(lambda g: S.swiglu(g, g).astype(jnp.float32).sum())(jnp.ones((2, 96)))
     grad = jax.jit(jax.grad(lambda g, u: S.swiglu(g, u).astype(jnp.float32).sum(), (0, 1)))
     text = grad.trace(*[jax.ShapeDtypeStruct((4096, 8192), jnp.bfloat16)] * 2).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "swiglu_bwd" in text
-
-
-def test_swiglu_gated_grouped_backward_matches_autodiff_with_one_gemm_per_gradient():
-    """swiglu_gpu.gated (the MLP's first half, stacked-cotangent backward; Pallas interpreter):
-    the forward is the model's two GEMMs and gate bit for bit; dx, dW_gate and dW_up match
-    fp32 autodiff of the same bf16 operands (fp32 weight gradients: to fp32 rounding of the
-    GEMM; bf16 ones: to bf16), returned in the weights' dtype; for CUDA the backward is one
-    Triton call plus two GEMMs (dx over K = 2F, dW of N = 2F), not four."""
-    import re
-
-    from kernels import swiglu_gpu as S
-
-    k = jax.random.split(jax.random.key(5), 4)
-    x = jax.random.normal(k[0], (2, 16, 64), jnp.float32).astype(jnp.bfloat16)
-    wg, wu = (0.2 * jax.random.normal(kk, (64, 256), jnp.float32) for kk in k[1:3])
-    dh = jax.random.normal(k[3], (2, 16, 256), jnp.bfloat16)
-
-    def model_path(x, wg, wu):  # model.MLP's path without the kernel
-        gate = jnp.einsum("BTD,DF->BTF", x, wg.astype(x.dtype))
-        return S.reference(gate, jnp.einsum("BTD,DF->BTF", x, wu.astype(x.dtype)))
-
-    def exact(x, wg, wu):  # the same bf16 operands, fp32 math throughout
-        f32 = (x.astype(jnp.float32), wg.astype(jnp.bfloat16).astype(jnp.float32),
-               wu.astype(jnp.bfloat16).astype(jnp.float32))
-        return S.reference(jnp.einsum("BTD,DF->BTF", f32[0], f32[1]),
-                           jnp.einsum("BTD,DF->BTF", f32[0], f32[2]))
-
-    ref = jax.vjp(exact, x, wg, wu)[1](dh.astype(jnp.float32))
-    for f32_dw in (True, False):
-        h, vjp = jax.vjp(lambda *a: S.gated(*a, f32_dw=f32_dw, interpret=True), x, wg, wu)
-        np.testing.assert_array_equal(np.asarray(h, np.float32),
-                                      np.asarray(model_path(x, wg, wu), np.float32))
-        got = vjp(dh)
-        assert [g.dtype for g in got] == [jnp.bfloat16, jnp.float32, jnp.float32]
-        for name, g, r in zip(("dx", "dw_gate", "dw_up"), got, ref):
-            g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
-            tol = 1e-2 if name == "dx" or not f32_dw else 3e-3
-            np.testing.assert_allclose(g, r, rtol=tol, atol=tol * np.max(np.abs(r)), err_msg=name)
-    with pytest.raises(ValueError, match="must be \\(..., D\\), \\(D, F\\), \\(D, F\\)"):
-        S.gated(x, wg, wu[:, :128])
-
-    grad = jax.jit(jax.grad(lambda *a: S.gated(*a).astype(jnp.float32).sum(), (0, 1, 2)))
-    args = (jax.ShapeDtypeStruct((4, 1024, 2048), jnp.bfloat16),
-            *[jax.ShapeDtypeStruct((2048, 8192), jnp.float32)] * 2)
-    text = grad.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("custom_call @__gpu$xla.gpu.triton") == 1 and "swiglu_bwd_stacked" in text
-    assert len(re.findall(r"stablehlo\.dot_general", text)) == 2 + 2  # forward 2, backward 2
 
 
 def test_xent_passes_match_reference_over_several_tiles(monkeypatch):

@@ -10,8 +10,8 @@ from flax import linen as nn
 
 from olmo2_jax import config as config_lib
 from olmo2_jax import optim
-from olmo2_jax.loss import (cross_entropy_with_z_loss, fused_lm_head_loss, logsumexp_one_pass,
-                             loss_sums)
+from olmo2_jax.loss import (LossConfig, cross_entropy_with_z_loss, fused_lm_head_loss,
+                            logsumexp_one_pass, loss_sums)
 from olmo2_jax.model import ModelConfig, Transformer
 
 
@@ -101,8 +101,7 @@ def test_fused_lm_head_loss_equals_full_logits(n_chunks):
         return ce + zw * z, (ce, z)
 
     def fused(h, w):
-        loss, ce, z, _ = fused_lm_head_loss(
-            h, w, targets, mask, zw, n_chunks)
+        loss, ce, z, _ = fused_lm_head_loss(h, w, targets, mask, LossConfig(zw, n_chunks))
         return loss, (ce, z)
 
     (l1, (ce1, z1)), g1 = jax.value_and_grad(full, argnums=(0, 1), has_aux=True)(h, w)
@@ -130,7 +129,7 @@ def test_fused_loss_with_bf16_logits_rounds_the_logits_only():
         return ce + zw * z
 
     def fused(h, w, dtype):
-        return fused_lm_head_loss(h, w, targets, mask, zw, 2, dtype)[0]
+        return fused_lm_head_loss(h, w, targets, mask, LossConfig(zw, 2, dtype))[0]
 
     l_ref, g_ref = jax.value_and_grad(rounded, argnums=(0, 1))(h, w)
     l_bf16, g_bf16 = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)), static_argnums=2)(
@@ -146,8 +145,6 @@ def test_fused_loss_with_bf16_logits_rounds_the_logits_only():
 @pytest.mark.parametrize("settings,match", [
     ({"loss_chunks": 0, "loss_logits_dtype": "bfloat16"}, "loss_chunks"),
     ({"loss_logits_dtype": "fp16"}, "loss_logits_dtype"),
-    ({"loss_chunks": 0, "loss_impl": "pallas"}, "loss_impl='pallas' needs the fused loss"),
-    ({"loss_impl": "triton"}, "choose 'auto', 'xla' or 'pallas'"),
 ])
 def test_config_rejects_loss_settings_the_loss_cannot_run(settings, match):
     c = config_lib.base_config()
@@ -167,16 +164,15 @@ def test_logsumexp_one_pass_matches_two_passes():
     assert np.isneginf(logsumexp_one_pass(jnp.full((2, 4), -jnp.inf))).all()
 
 
-def test_fused_loss_pallas_passes_match_xla(monkeypatch):
-    """train.loss_impl: on the CPU 'pallas' names the fix and 'auto' is XLA. With the passes of
-    kernels/xent_gpu in Pallas' interpreter, the loss and both gradients match XLA's, for fp32
-    and bf16 logits, on one device and per shard of rows on a data x fsdp mesh. Where the mesh
-    splits the vocabulary, or a chunk does not tile, 'auto' keeps XLA and 'pallas' says why."""
+def test_fused_loss_kernel_passes_match_xla(monkeypatch):
+    """model.kernels='auto' on a GPU: with the passes of kernels/xent_gpu in Pallas'
+    interpreter, the loss and both gradients match XLA's, for fp32 and bf16 logits, on one
+    device and per shard of rows on a data x fsdp mesh. Where the mesh splits the vocabulary,
+    or a chunk does not tile, XLA runs them; on the CPU 'auto' is XLA."""
     import functools
 
     from kernels import xent_gpu
-    from olmo2_jax import loss as loss_lib
-    from olmo2_jax import sharding
+    from olmo2_jax import ops, sharding
 
     B, T, D, V = 8, 32, 32, 256
     k = jax.random.split(jax.random.PRNGKey(2), 4)
@@ -185,54 +181,48 @@ def test_fused_loss_pallas_passes_match_xla(monkeypatch):
     targets = jax.random.randint(k[2], (B, T), 0, V)
     mask = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
 
-    def loss(impl, dtype="bfloat16", vocab=V):
+    def loss(kernels, dtype="bfloat16", vocab=V):
         def f(h, w):
-            return fused_lm_head_loss(h, w, targets % vocab, mask, 1e-2, 2, dtype, impl)[0]
+            cfg = LossConfig(1e-2, 2, dtype, kernels)
+            return fused_lm_head_loss(h, w, targets % vocab, mask, cfg)[0]
         return f, (h, w[:, :vocab])
 
-    def run(impl, dtype="bfloat16", vocab=V):
-        f, args = loss(impl, dtype, vocab)
+    def run(kernels, dtype="bfloat16", vocab=V):
+        f, args = loss(kernels, dtype, vocab)
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*args)
 
-    def kernels(impl, vocab=V):
-        f, args = loss(impl, vocab=vocab)
+    def n_kernels(kernels, vocab=V):
+        f, args = loss(kernels, vocab=vocab)
         return str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(*args)).count("pallas_call")
 
-    def same(impl, dtype):
-        (l, (dh, dw)), (l_ref, (dh_ref, dw_ref)) = run(impl, dtype), run("xla", dtype)
+    def same(dtype):
+        (l, (dh, dw)), (l_ref, (dh_ref, dw_ref)) = run("auto", dtype), run("xla", dtype)
         assert float(l) == pytest.approx(float(l_ref), rel=1e-6)
         for got, ref in ((dh, dh_ref), (dw, dw_ref)):
             got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
             np.testing.assert_allclose(got, ref, rtol=2e-2, atol=2e-2 * np.max(np.abs(ref)))
 
-    with pytest.raises(ValueError, match="loss_impl='pallas' needs a GPU.*use loss_impl='auto'"):
-        run("pallas")
-    assert kernels("auto") == 0
-    with pytest.raises(ValueError, match="loss_impl='fast'"):
+    assert n_kernels("auto") == 0
+    with pytest.raises(ValueError, match="config.model.kernels='fast'"):
         run("fast")
 
-    monkeypatch.setattr(loss_lib, "current_platform", lambda: "gpu")
+    monkeypatch.setattr(ops, "current_platform", lambda: "gpu")
     for name in ("logsumexp", "softmax_grad"):
         monkeypatch.setattr(xent_gpu, name, functools.partial(getattr(xent_gpu, name),
                                                               interpret=True))
     monkeypatch.setitem(xent_gpu.TUNING, "lse", {"rows": 4, "cols": 128, "num_warps": 4})
     monkeypatch.setitem(xent_gpu.TUNING, "grad", {"rows": 8, "cols": 64, "num_warps": 4})
-    assert kernels("auto") == kernels("pallas") == 2  # the two passes, in the scan's body
+    assert n_kernels("auto") == 2 and n_kernels("xla") == 0  # the two passes, in the scan
     for dtype in ("float32", "bfloat16"):
-        same("pallas", dtype)
-    assert kernels("auto", vocab=200) == 0  # 200 does not tile into 128 columns
-    with pytest.raises(ValueError, match="128 rows x 200 vocabulary entries.*do not tile"):
-        run("pallas", vocab=200)
+        same(dtype)
+    assert n_kernels("auto", vocab=200) == 0  # 200 does not tile into 128 columns
 
     def mesh(*shape):
         return jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), sharding.MESH_AXES)
 
     with jax.set_mesh(mesh(2, 4, 1)), nn.logical_axis_rules(sharding.RULES):
-        f, args = loss("pallas")
+        f, args = loss("auto")
         assert "shard_map" in str(jax.make_jaxpr(jax.grad(f))(*args))
-        same("pallas", "bfloat16")
+        same("bfloat16")
     with jax.set_mesh(mesh(1, 4, 2)), nn.logical_axis_rules(sharding.RULES):
-        assert kernels("auto") == 0
-        with pytest.raises(ValueError, match="cannot run its kernels, its features are split "
-                                             "over mesh axes \\('tensor',\\)"):
-            run("pallas")
+        assert n_kernels("auto") == 0  # the vocabulary is split over 'tensor'

@@ -8,7 +8,7 @@ import pytest
 
 from olmo2_jax import config as config_lib
 from olmo2_jax import train
-from olmo2_jax.data import mixture, pipeline
+from olmo2_jax.data import loader, mixture, pipeline
 from olmo2_jax.data.mixture import Source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,9 +182,9 @@ def mix_config(tmp_path, two_sources, **data):
 def test_config_wires_the_mix(tmp_path, two_sources, monkeypatch):
     monkeypatch.setattr("olmo2_jax.data.pipeline.TokenWindows._check_vocab", lambda *a: None)
     c = mix_config(tmp_path, two_sources, document_masking=True)
-    paths, _ = train.resolve_data(c)
-    assert paths == [p for s in two_sources for p in s.paths]
-    it = train.make_data_iterator(c, paths)
+    data = loader.from_config(c)
+    assert list(data.paths) == [p for s in two_sources for p in s.paths]
+    it = data.iterator()
     batch = next(it)
     it.close()
     direct = mix_iter(two_sources, weights=[0.7, 0.3], instance=pipeline.InstanceOptions(
@@ -201,13 +201,13 @@ def test_config_wires_the_mix(tmp_path, two_sources, monkeypatch):
         with pytest.raises(config_lib.ConfigError, match=match):
             config_lib.validate(mix_config(tmp_path, two_sources, **bad))
     with pytest.raises(config_lib.ConfigError, match="config.data.weights: unknown source 'math'"):
-        train.make_data_iterator(mix_config(tmp_path, two_sources, weights="math=1"), paths)
+        loader.from_config(mix_config(tmp_path, two_sources, weights="math=1"))
     with pytest.raises(config_lib.ConfigError, match="config.data.tokenizer='gpt9'"):
-        train.resolve_data(mix_config(tmp_path, two_sources, tokenizer="gpt9"))
+        loader.from_config(mix_config(tmp_path, two_sources, tokenizer="gpt9"))
     small = mix_config(tmp_path, two_sources)
     small.model.vocab_size = 4096
     with pytest.raises(config_lib.ConfigError, match="has 100278 tokens"):
-        train.resolve_data(small)
+        loader.from_config(small)
 
 
 def test_remote_reads_match_memmap(two_sources, monkeypatch):

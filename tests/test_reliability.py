@@ -180,8 +180,9 @@ def test_skipped_step_leaves_params_and_optimizer_untouched(tmp_path):
     model = train.Transformer(train.ModelConfig.from_config(c.model))
     tx, schedule = train.optim.make_optimizer(c.optim, c.train.steps)
     mesh = train.sharding.make_mesh(c)
-    step_fn = jax.jit(train.make_train_step(model, tx, schedule, accum_steps=1,
-                                            z_loss_weight=1e-4, loss_chunks=0))
+    step_fn = jax.jit(train.make_train_step(model, tx, schedule,
+                                            train.LossConfig(z_loss_weight=1e-4, chunks=0),
+                                            accum_steps=1))
     batch = {"inputs": jnp.ones((8, 32), jnp.int32), "targets": jnp.ones((8, 32), jnp.int32),
              "loss_mask": jnp.ones((8, 32), jnp.float32)}
     with jax.set_mesh(mesh), train.nn.logical_axis_rules(train.sharding.RULES):

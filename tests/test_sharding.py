@@ -35,8 +35,9 @@ def run_step(c, devices, accum=1):
         state, shardings = train.create_state(model, tx, mesh, jax.random.PRNGKey(0))
         bs = sharding.batch_sharding(mesh)
         batch = {k: jax.device_put(v, bs) for k, v in batch.items()}
-        step = jax.jit(train.make_train_step(model, tx, schedule, accum_steps=accum,
-                                             z_loss_weight=1e-5, mesh=mesh),
+        step = jax.jit(train.make_train_step(model, tx, schedule,
+                                             train.LossConfig(z_loss_weight=1e-5, chunks=0),
+                                             accum_steps=accum, mesh=mesh),
                        in_shardings=(shardings, bs), out_shardings=(shardings, None))
         new_state, metrics = step(state, batch)
         return state, new_state, jax.device_get(metrics)

@@ -127,21 +127,3 @@ def rerun_matches_straight(workdir, straight, data, stop, env, extra=()):
     b, rows = losses(workdir)
     assert [r["step"] for r in rows] == list(range(stop))
     assert all(a[s] == b[s] for s in range(stop)), {s: (a[s], b[s]) for s in range(stop)}
-
-
-def test_gpu_triton_gemm_option_reaches_xla_only_on_gpus():
-    """train.gpu_triton_gemm=False compiles the step with XLA's Triton GEMMs off on GPUs (the
-    option XLA reads), and changes nothing elsewhere; the option compiles on this CPU."""
-    import types
-
-    import jax
-
-    t = config_lib.base_config().train
-    gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
-    cpu = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    assert train.compiler_options(t, gpu) is None  # XLA's default
-    t.gpu_triton_gemm = False
-    assert train.compiler_options(t, gpu) == {"xla_gpu_enable_triton_gemm": False}
-    assert train.compiler_options(t, cpu) is None
-    opts = train.compiler_options(t, gpu)
-    assert float(jax.jit(lambda x: x @ x, compiler_options=opts)(np.eye(4, dtype=np.float32)).sum()) == 4
