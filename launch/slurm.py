@@ -14,12 +14,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
 
+# What may go into the #SBATCH lines: sbatch reads them, not a shell, but a newline (or a
+# stray character) would end the directive and start a shell line. Each flag has its set.
+SAFE = {
+    "name": (r"[A-Za-z0-9._-]+", "letters, digits, '.', '_' and '-' (it also names the "
+             ".sbatch file)"),
+    "partition": (r"[A-Za-z0-9._,-]+", "letters, digits, '.', '_', '-' and ',' between "
+                  "partitions"),
+    "time": (r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|unlimited|INFINITE|infinite",
+             "a SLURM time: minutes, [hours:]minutes:seconds, days-hours[:minutes[:seconds]] "
+             "or UNLIMITED"),
+    "workdir": (r"[A-Za-z0-9._/+@=,:-]+", "a path of letters, digits and ._/+@=,:- (no "
+                "spaces, quotes, '~', '$' or '%': SLURM expands % in --output)"),
+}
+
+
+def check(args) -> str | None:
+    """The first flag whose value may not go into an #SBATCH line, with the allowed set."""
+    for flag, (pattern, allowed) in SAFE.items():
+        value = getattr(args, flag)
+        if (value or flag != "partition") and not re.fullmatch(pattern, value):
+            return f"--{flag}={value!r}: use {allowed}"
+    return None
+
 
 def script(args) -> str:
+    """The sbatch script; `args` passed `check` (the #SBATCH values), and whatever goes into
+    a shell line is quoted."""
     train = shlex.join([args.python, "-m", "olmo2_jax.main", f"--config={args.config}",
                         f"--workdir={args.workdir}", *shlex.split(args.overrides)])
     lines = ["#!/bin/bash",
@@ -64,6 +90,15 @@ def parse(argv):
     args = p.parse_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
         p.error("--nodes and --gpus_per_node must be >= 1")
+    if args.cpus_per_task < 1 or args.signal_seconds < 0:
+        p.error("--cpus_per_task must be >= 1 and --signal_seconds >= 0")
+    problem = check(args)
+    if problem:
+        p.error(problem)
+    try:
+        shlex.split(args.overrides)
+    except ValueError as e:
+        p.error(f"--overrides={args.overrides!r}: {e} (quote it as one shell word)")
     return args
 
 

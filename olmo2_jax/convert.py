@@ -6,7 +6,8 @@
 `from_hf` writes a step-0 checkpoint holding only the params (and the config in its meta):
 `generate` and `to_hf` read it directly; training starts from it with
 `--config.train.init_from=CKPT` (fresh optimiser state, new workdir). `to_hf` reads the
-params of a checkpoint of any stage and ignores the rest (optimiser, data iterator).
+params of a checkpoint of any stage and ignores the rest (optimiser, data iterator), and
+writes the tokenizer the checkpoint records (checkpoint.py) as files AutoTokenizer loads.
 
 Both directions go through one table (`HF_TABLE`) and stream one tensor at a time, so
 the host never holds two copies of the model.
@@ -180,15 +181,22 @@ def hf_config_from_model(m, token_ids: dict, dtype: str) -> dict:
     }
     if hd * m.n_heads != m.d_model:
         out["head_dim"] = hd
+    # transformers needs vocab_size = the embedding rows; the real token count rides along
+    # so from_hf gives back the same model config (padding ids stay unsampleable, soups match).
+    out["unpadded_vocab_size"] = m.vocab_size
     out.update(token_ids)  # explicit nulls: transformers' defaults (eos 50279) would be wrong
     return out
 
 
-def _token_ids(meta: dict, overrides: dict) -> dict:
-    """bos/eos/pad ids: flags, else those carried from the source HF config, else none."""
+def _token_ids(meta: dict, overrides: dict, from_tokenizer: dict) -> dict:
+    """bos/eos/pad ids: flags, else those carried from the source HF config, else the
+    tokenizer's, else none."""
     src = meta.get("hf", {})
-    return {k: overrides.get(k) if overrides.get(k) is not None else src.get(k)
-            for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    out = {}
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        out[k] = next((d[k] for d in (overrides, src, from_tokenizer)
+                       if d.get(k) is not None), None)
+    return out
 
 
 # --- from_hf.
@@ -217,7 +225,19 @@ class SafetensorsFolder:
             path = os.path.join(hf_dir, fname)
             if not os.path.exists(path):
                 raise ConversionError(f"{index} names {fname}, which is missing from {hf_dir}")
-            self._handles[fname] = safe_open(path, "numpy")
+            try:
+                self._handles[fname] = safe_open(path, "numpy")
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+                raise ConversionError(f"{path} is not a readable safetensors file ({e}); "
+                                      "re-download or re-save that shard") from e
+        held = {f: set(h.keys()) for f, h in self._handles.items()}
+        for name, fname in weight_map.items():
+            if name not in held[fname]:
+                elsewhere = sorted(f for f, keys in held.items() if name in keys)
+                fix = (f"the tensor is in {elsewhere[0]}: fix the index's weight_map" if elsewhere
+                       else "re-download or re-save the folder (save_pretrained)")
+                raise ConversionError(f"{index} names tensor {name} in {fname}, which does not "
+                                      f"hold it; {fix}")
         self.weight_map = weight_map
         self.shapes = {k: tuple(self._handles[f].get_slice(k).get_shape())
                        for k, f in weight_map.items()}
@@ -237,10 +257,38 @@ def config_from_hf(hf_dir: str, base: ml_collections.ConfigDict | None = None):
     with open(path) as f:
         hf = json.load(f)
     config = base if base is not None else config_lib.base_config()
+    fields = model_fields_from_hf(hf, path)
+    fields["vocab_size"] = _true_vocab_size(hf_dir, hf, path)
     with config.unlocked():
-        config.model.update(model_fields_from_hf(hf, path))
+        config.model.update(fields)
         config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
     return config, hf
+
+
+def _true_vocab_size(hf_dir: str, hf: dict, where: str) -> int:
+    """The real token count: `unpadded_vocab_size` (written by to_hf), else the size of the
+    folder's tokenizer.json when smaller than the embedding (released OLMo 2: 100278 of
+    100352 rows), else the embedding rows."""
+    rows = hf["vocab_size"]
+    if hf.get("unpadded_vocab_size") is not None:
+        n = hf["unpadded_vocab_size"]
+        if not 0 < n <= rows:
+            raise ConversionError(f"{where}: unpadded_vocab_size={n} must be in (0, "
+                                  f"vocab_size={rows}]")
+        return n
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.exists(path):
+        return rows
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        vocab = (spec.get("model") or {}).get("vocab") or {}  # a list for Unigram models
+        ids = [*(range(len(vocab)) if isinstance(vocab, list) else vocab.values()),
+               *(t["id"] for t in spec.get("added_tokens", []))]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"{path} is not a readable tokenizer.json ({type(e).__name__}: "
+                              f"{e}); fix or remove it") from e
+    return min(rows, max(ids) + 1) if ids else rows
 
 
 def from_hf(hf_dir: str, out: str, base_config: ml_collections.ConfigDict | None = None,
@@ -322,9 +370,11 @@ def _hf_dtype(hf: dict, folder: SafetensorsFolder) -> str:
 # --- to_hf.
 
 def to_hf(ckpt: str, out: str, *, step: int | None = None, dtype: str | None = None,
-          max_shard_bytes: int = 5 * 2**30, token_ids: dict | None = None) -> list[str]:
-    """Writes an HF Olmo2 folder from the params of any olmo2_jax checkpoint; returns the
-    names of the files written."""
+          max_shard_bytes: int = 5 * 2**30, token_ids: dict | None = None,
+          tokenizer: str | None = None) -> list[str]:
+    """Writes an HF Olmo2 folder from the params of any olmo2_jax checkpoint, with the
+    tokenizer it was trained with (`tokenizer`: a spec for checkpoints that record none);
+    returns the names of the files written."""
     from safetensors.numpy import save_file
     directory = checkpoint.resolve_dir(ckpt)
     if os.path.isdir(out) and any(f.endswith(".safetensors") for f in os.listdir(out)):
@@ -336,6 +386,11 @@ def to_hf(ckpt: str, out: str, *, step: int | None = None, dtype: str | None = N
     if dtype not in HF_DTYPES:
         raise ConversionError(f"--dtype={dtype!r}: choose one of {sorted(HF_DTYPES)}")
     cfg = ModelConfig.from_config(config.model)
+    hf_tok, tok_ids = hf_tokenizer(directory, meta, tokenizer)  # any error before writing
+    if hf_tok is not None and hf_tok.get_vocab_size() > cfg.padded_vocab_size:
+        raise ConversionError(
+            f"the tokenizer has {hf_tok.get_vocab_size()} tokens but the model "
+            f"{cfg.padded_vocab_size} embedding rows; pass the --tokenizer it was trained with")
     mesh = sharding.inference_mesh()
     params = checkpoint.load_params(directory, cfg, mesh, meta["step"])
     os.makedirs(out, exist_ok=True)
@@ -366,28 +421,66 @@ def to_hf(ckpt: str, out: str, *, step: int | None = None, dtype: str | None = N
         written.append(fname)
     _write_json(os.path.join(out, "model.safetensors.index.json"),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
-    ids = _token_ids(meta, token_ids or {})
+    ids = _token_ids(meta, token_ids or {}, tok_ids)
     _write_json(os.path.join(out, "config.json"), hf_config_from_model(config.model, ids, dtype))
     _write_json(os.path.join(out, "generation_config.json"),
                 {k: v for k, v in ids.items() if v is not None})
     written += ["model.safetensors.index.json", "config.json", "generation_config.json"]
-    return written + _write_tokenizer(directory, meta, out)
+    if hf_tok is None:
+        return written + _copy_tokenizer_files(directory, out)
+    return written + _write_tokenizer(hf_tok, ids, out, config.model.max_seq_len)
 
 
-def _write_tokenizer(directory: str, meta: dict, out: str) -> list[str]:
-    """Copies tokenizer files the checkpoint carries (from_hf stores the source's), or a
-    tokenizer.json named by the training config (config.data.tokenizer = path or
-    "hf:path"). Returns the files written ([] when the checkpoint names no tokenizer)."""
-    src = os.path.join(directory, checkpoint.TOKENIZER_DIR)
-    files = []
-    if os.path.isdir(src):
-        files = [os.path.join(src, f) for f in sorted(os.listdir(src))]
+def hf_tokenizer(directory: str, meta: dict, spec: str | None = None):
+    """(tokenizers.Tokenizer, bos/eos/pad ids) of the tokenizer a checkpoint was trained
+    with (or of `spec`), converted so transformers encodes exactly as training did; (None,
+    {}) when it records none."""
+    from olmo2_jax.data import tokenizer as tok_lib
+    if spec:
+        record, data = checkpoint.tokenizer_record(spec)
     else:
-        spec = str(meta["config"].get("data", {}).get("tokenizer", "") or "")
-        path = spec.split(":", 1)[1] if spec.startswith("hf:") else spec
-        if path.endswith("tokenizer.json") and os.path.exists(path):
-            files = [path] + [os.path.join(os.path.dirname(path), f) for f in TOKENIZER_FILES[1:]
-                              if os.path.exists(os.path.join(os.path.dirname(path), f))]
+        record = checkpoint.recorded_tokenizer(directory, meta)
+        if record is None:
+            return None, {}
+        data = checkpoint.tokenizer_data(directory, record)
+    ours = checkpoint.tokenizer_from_record(record, data)
+    bos = None
+    try:
+        if record["kind"] == "dolma2":
+            hf, bos = tok_lib.dolma2_hf_tokenizer(), ours.eos_id  # as OLMo 2's releases
+        elif record["kind"] == "sentencepiece":
+            import sentencepiece as spm
+            hf = tok_lib.sentencepiece_hf_tokenizer(data)
+            bos = spm.SentencePieceProcessor(model_proto=data).bos_id()
+        else:
+            from tokenizers import Tokenizer
+            hf = Tokenizer.from_str(data.decode("utf-8"))
+    except ValueError as e:
+        raise ConversionError(f"checkpoint {directory}: its {record['kind']} tokenizer cannot "
+                              f"be written for transformers: {e}") from e
+    return hf, {"bos_token_id": bos if bos is not None and bos >= 0 else None,
+                "eos_token_id": ours.eos_id, "pad_token_id": ours.pad_id}
+
+
+def _write_tokenizer(hf, ids: dict, out: str, max_len: int) -> list[str]:
+    """tokenizer.json plus the configs AutoTokenizer reads (special tokens by name)."""
+    hf.save(os.path.join(out, "tokenizer.json"))
+    special = {f"{k}_token": hf.id_to_token(ids[f"{k}_token_id"]) for k in ("bos", "eos", "pad")
+               if ids.get(f"{k}_token_id") is not None}
+    if getattr(hf.model, "unk_token", None):
+        special["unk_token"] = hf.model.unk_token
+    _write_json(os.path.join(out, "special_tokens_map.json"), special)
+    _write_json(os.path.join(out, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": False,
+        "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len})
+    return ["tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"]
+
+
+def _copy_tokenizer_files(directory: str, out: str) -> list[str]:
+    """Copies the tokenizer files `from_hf` kept from its source folder (none: [])."""
+    files = [f for f in checkpoint.tokenizer_files(directory)
+             if os.path.basename(f) != checkpoint.TOKENIZER_RECORD]
     for f in files:
         shutil.copy(f, os.path.join(out, os.path.basename(f)))
     return [os.path.basename(f) for f in files]
@@ -419,32 +512,51 @@ def main(argv=None) -> None:
                         "source's dtype for converted checkpoints, else float32.", flag_values=f)
     flags.DEFINE_integer("max_shard_mb", 5 * 1024, "to_hf: safetensors shard size.",
                          flag_values=f)
+    flags.DEFINE_string("tokenizer", None, "to_hf: tokenizer spec (dolma2, sentencepiece:"
+                        "<file.model>, hf:<tokenizer.json>) for a checkpoint that records none; "
+                        "overrides the recorded one.", flag_values=f)
     for k in ("bos", "eos", "pad"):
         flags.DEFINE_integer(f"{k}_token_id", None, f"to_hf: {k} id for config.json (default "
                              "from the source HF config, if any).", flag_values=f)
-    argv = f(argv)
-    usage = "usage: python -m olmo2_jax.convert from_hf|to_hf --help"
+    given = argv
     try:
-        if len(argv) != 2 or argv[1] not in ("from_hf", "to_hf"):
-            raise ConversionError(f"{usage} (got {argv[1:]})")
-        if not f.out:
-            raise ConversionError("--out is required")
-        if argv[1] == "from_hf":
-            if not f.hf_dir:
-                raise ConversionError("from_hf needs --hf_dir")
-            out = from_hf(f.hf_dir, f.out, f.config)
-            print(json.dumps({"checkpoint": out, "step": 0}))
-        else:
-            if not f.ckpt:
-                raise ConversionError("to_hf needs --ckpt")
-            ids = {f"{k}_token_id": f[f"{k}_token_id"].value for k in ("bos", "eos", "pad")}
-            files = to_hf(f.ckpt, f.out, step=f.step, dtype=f.dtype,
-                          max_shard_bytes=f.max_shard_mb * 2**20, token_ids=ids)
-            note = None if any(n.startswith("tokenizer") for n in files) else (
-                "no tokenizer files written: the checkpoint names no tokenizer.json")
-            print(json.dumps({"out": os.path.abspath(f.out), "files": files, "note": note}))
-    except (ConversionError, config_lib.ConfigError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        argv = f(given)
+        if f["config"].value is not None:
+            f.config.get("stage")  # ml_collections defers a config file's load error to here
+    except flags.Error as e:
+        sys.exit(f"error: {' '.join(str(e).split())}")
+    except Exception as e:  # noqa: BLE001 - whatever the --config file raised
+        path = next((a.split("=", 1)[1] for a in given if a.startswith("--config=")), "?")
+        sys.exit(f"error: --config={path}: " + ("no such file" if not os.path.isfile(
+            path.split(":")[0]) else f"loading it raised {checkpoint.brief(e)}"))
+    # Bad input, a damaged checkpoint (CheckpointError) or a full disk: one line on stderr.
+    checkpoint.run_cli("convert", lambda: _main(f, argv),
+                       expected=(ConversionError, config_lib.ConfigError, FileNotFoundError,
+                                 ValueError), out=f.out)
+
+
+def _main(f, argv) -> None:
+    usage = "usage: python -m olmo2_jax.convert from_hf|to_hf --help"
+    if len(argv) != 2 or argv[1] not in ("from_hf", "to_hf"):
+        raise ConversionError(f"{usage} (got {argv[1:]})")
+    if not f.out:
+        raise ConversionError("--out is required")
+    if argv[1] == "from_hf":
+        if not f.hf_dir:
+            raise ConversionError("from_hf needs --hf_dir")
+        out = from_hf(f.hf_dir, f.out, f.config)
+        print(json.dumps({"checkpoint": out, "step": 0}))
+        return
+    if not f.ckpt:
+        raise ConversionError("to_hf needs --ckpt")
+    ids = {f"{k}_token_id": f[f"{k}_token_id"].value for k in ("bos", "eos", "pad")}
+    files = to_hf(f.ckpt, f.out, step=f.step, dtype=f.dtype,
+                  max_shard_bytes=f.max_shard_mb * 2**20, token_ids=ids, tokenizer=f.tokenizer)
+    note = None if any(n.startswith("tokenizer") for n in files) else (
+        "no tokenizer files written: the checkpoint holds no tokenizer (it predates "
+        "tokenizer records, or its run or HF source named none); "
+        f"{checkpoint.NO_TOKENIZER_FIX}")
+    print(json.dumps({"out": os.path.abspath(f.out), "files": files, "note": note}))
 
 
 if __name__ == "__main__":

@@ -271,8 +271,11 @@ def main(argv=None) -> None:
     flags.DEFINE_string("ckpt", None, "Checkpoint directory (a CheckpointManager dir or a "
                         "workdir holding checkpoints/).", flag_values=f)
     flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.", flag_values=f)
-    flags.DEFINE_string("prompt", None, "Prompt text (needs a tokenizer in the checkpoint).",
-                        flag_values=f)
+    flags.DEFINE_string("prompt", None, "Prompt text, encoded with the tokenizer the "
+                        "checkpoint was trained with.", flag_values=f)
+    flags.DEFINE_string("tokenizer", None, "Tokenizer spec (dolma2, sentencepiece:<file.model>, "
+                        "hf:<tokenizer.json>) for a checkpoint that records none; overrides "
+                        "the recorded one.", flag_values=f)
     flags.DEFINE_string("prompt_ids", None, "Prompt token ids, comma-separated.", flag_values=f)
     flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate at most.", flag_values=f)
     flags.DEFINE_float("temperature", 0.0, "0 = greedy.", flag_values=f)
@@ -281,34 +284,43 @@ def main(argv=None) -> None:
     flags.DEFINE_string("stop_ids", None, "Stop token ids, comma-separated; default the "
                         "tokenizer's EOS when there is one.", flag_values=f)
     flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=f)
-    f(sys.argv if argv is None else argv)
     try:
-        if not f.ckpt:
-            raise ValueError("--ckpt is required")
-        if (f.prompt is None) == (f.prompt_ids is None):
-            raise ValueError("pass exactly one of --prompt or --prompt_ids")
-        directory = checkpoint.resolve_dir(f.ckpt)
-        meta = checkpoint.read_meta(directory, f.step)
-        tok = checkpoint.load_tokenizer(directory, meta)
-        if f.prompt is not None:
-            if tok is None:
-                raise ValueError(f"checkpoint {f.ckpt} holds no tokenizer: pass --prompt_ids "
-                                 "instead of --prompt")
-            ids = tok.encode(f.prompt)
-        else:
-            ids = _parse_ids(f.prompt_ids, "prompt_ids")
-        stop = (_parse_ids(f.stop_ids, "stop_ids") if f.stop_ids is not None
-                else [tok.eos_id] if tok is not None and tok.eos_id is not None else [])
-        sampling = Sampling(f.temperature, f.top_k, f.top_p)
-        sampling.validate()
-        cfg = checkpoint.model_config(meta)
-        mesh = sharding.inference_mesh()
-        params = checkpoint.load_params(directory, cfg, mesh, f.step)
-        gen = Generator(cfg, params, mesh)
-        out = gen([ids], max_new_tokens=f.max_new_tokens, sampling=sampling, stop_tokens=stop,
-                  seed=f.seed)[0]
-    except (ValueError, FileNotFoundError) as e:
+        f(sys.argv if argv is None else argv)
+    except flags.Error as e:
         sys.exit(f"error: {e}")
+    # A bad flag, a damaged checkpoint (CheckpointError) or a missing one: one line on stderr.
+    checkpoint.run_cli("generate", lambda: _main(f))
+
+
+def _main(f) -> None:
+    from olmo2_jax import checkpoint
+
+    if not f.ckpt:
+        raise ValueError("--ckpt is required")
+    if (f.prompt is None) == (f.prompt_ids is None):
+        raise ValueError("pass exactly one of --prompt or --prompt_ids")
+    directory = checkpoint.resolve_dir(f.ckpt)
+    meta = checkpoint.read_meta(directory, f.step)
+    tok = checkpoint.load_tokenizer(directory, meta, f.tokenizer)
+    if f.prompt is not None:
+        if tok is None:
+            raise ValueError(f"checkpoint {f.ckpt} holds no tokenizer (it predates "
+                             "tokenizer records, or its run or HF source named none): "
+                             f"{checkpoint.NO_TOKENIZER_FIX}, or pass --prompt_ids instead "
+                             "of --prompt")
+        ids = tok.encode(f.prompt)
+    else:
+        ids = _parse_ids(f.prompt_ids, "prompt_ids")
+    stop = (_parse_ids(f.stop_ids, "stop_ids") if f.stop_ids is not None
+            else [tok.eos_id] if tok is not None and tok.eos_id is not None else [])
+    sampling = Sampling(f.temperature, f.top_k, f.top_p)
+    sampling.validate()
+    cfg = checkpoint.model_config(meta)
+    mesh = sharding.inference_mesh()
+    params = checkpoint.load_params(directory, cfg, mesh, meta["step"])
+    gen = Generator(cfg, params, mesh)
+    out = gen([ids], max_new_tokens=f.max_new_tokens, sampling=sampling, stop_tokens=stop,
+              seed=f.seed)[0]
     print(json.dumps({"tokens": out, "text": tok.decode(out) if tok is not None else None}))
 
 

@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         m = prepare.prepare(args.input, args.output_dir, options,
                             embedded_max_bytes=args.embedded_max_bytes)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, prepare.OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = {k: m[k] for k in ("documents", "tokens", "dropped", "malformed_lines", "seconds")}
+    summary = {k: m[k] for k in ("documents", "tokens", "dropped", "malformed_lines",
+                                 "unreadable_inputs", "seconds")}
     summary["shards"] = len(m["shards"])
+    for line in m["unreadable_inputs"]:  # the rest of those files was skipped
+        print(f"warning: {line}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 

@@ -153,14 +153,19 @@ def main(argv=None) -> None:
                         "normalised to sum 1; default equal.", flag_values=f)
     flags.DEFINE_string("out", None, "New checkpoint directory (local or gs://).",
                         flag_values=f)
-    f(sys.argv if argv is None else argv)
     try:
-        if not f.out:
-            raise SoupError("--out is required")
-        out = soup(f.ckpt, f.out, steps=parse_steps(f.step, len(f.ckpt)),
-                   weights=parse_weights(f.weights))
-    except (ValueError, FileNotFoundError) as e:  # SoupError, CheckpointError, bad paths
+        f(sys.argv if argv is None else argv)
+    except flags.Error as e:
         sys.exit(f"error: {e}")
+    # Bad input, a damaged ingredient (CheckpointError) or a full disk: one line on stderr.
+    checkpoint.run_cli("soup", lambda: _main(f), out=f.out)
+
+
+def _main(f) -> None:
+    if not f.out:
+        raise SoupError("--out is required")
+    out = soup(f.ckpt, f.out, steps=parse_steps(f.step, len(f.ckpt)),
+               weights=parse_weights(f.weights))
     meta = checkpoint.read_meta(out)
     print(json.dumps({"out": out, "ingredients": meta["soup"]["ingredients"]}))
 

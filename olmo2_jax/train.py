@@ -168,6 +168,11 @@ def train(config, workdir: str) -> dict:
                                       or os.path.join(workdir, "checkpoints"),
                                       keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
+    try:
+        tokenizer = _record_tokenizer(config, data.tokenizer_spec, str(manager.directory))
+    except config_lib.ConfigError:
+        manager.close()
+        raise
     rng = jax.random.PRNGKey(t.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES), _Preemption() as preempt:
         abstract, shardings = state_shardings(model, tx, mesh, rng, skip_window)
@@ -176,7 +181,7 @@ def train(config, workdir: str) -> dict:
             state, _ = create_state(model, tx, mesh, rng, skip_window)
             if init_from:
                 state = state.replace(params=checkpoint.load_params(
-                    init_from, model.cfg, mesh))
+                    init_from, model.cfg, mesh, step_flag=None))
             start = 0
         else:
             try:
@@ -200,7 +205,8 @@ def train(config, workdir: str) -> dict:
                                  skip_sigma=t.skip_sigma)
         writer = metrics_lib.MetricsWriter(workdir, total_steps=t.steps, start_step=start,
                                            enabled=jax.process_index() == 0)
-        saver = _Saver(manager, data_iter, {"config": config.to_dict()}, config.checkpoint)
+        saver = _Saver(manager, data_iter, {"config": config.to_dict(), "tokenizer": tokenizer},
+                       config.checkpoint)
         last, pending, prev_skip, bad_run = {}, None, None, 0
         mark = (start - 1, time.perf_counter())  # (step, time) of the last emitted metrics
         step = start
@@ -220,6 +226,7 @@ def train(config, workdir: str) -> dict:
                     pending = (step, step_metrics)
                 writer.advance()
                 step += 1
+                saver.check(step, t.log_every)  # a failed async save stops the run here
                 roll_back = bool(t.rollback_after) and bad_run >= t.rollback_after
                 if not roll_back:
                     stop = preempt.requested(step, t.log_every)
@@ -231,6 +238,7 @@ def train(config, workdir: str) -> dict:
                                 "config.train.rollback_after to reload the last checkpoint")
                         roll_back = True
                 if roll_back:
+                    saver.settle()
                     state, step = _rollback(manager, abstract, data_iter, config, writer, step)
                     last, pending, prev_skip, bad_run = {}, None, None, 0
                     mark = (step - 1, time.perf_counter())
@@ -243,7 +251,7 @@ def train(config, workdir: str) -> dict:
                                    mesh.size)
             if prev_skip is not None:
                 _note_skip(*prev_skip, bad_run)
-            manager.wait_until_finished()
+            saver.settle()
             if step < t.steps:
                 last = dict(last, preempted=True)
         finally:
@@ -252,6 +260,32 @@ def train(config, workdir: str) -> dict:
             if hasattr(data_iter, "close"):
                 data_iter.close()
     return last
+
+
+def _record_tokenizer(config, spec: str, directory: str) -> dict | None:
+    """Keeps the run's tokenizer (`spec`, from data_loader.from_config: the embedded corpus
+    has its own sentencepiece model) in the checkpoint directory (checkpoint.keep_tokenizer),
+    so its checkpoints generate text and convert to HF anywhere. A tokenizer with more tokens
+    than the model cannot be the one the token files were made with: nothing is recorded (a
+    warning says so) rather than a wrong tokenizer."""
+    what = (f"config.data.tokenizer={spec!r}" if spec == config.data.tokenizer
+            else "the embedded corpus's tokenizer")
+    try:
+        record, data = checkpoint.tokenizer_record(spec)
+        if record["vocab_size"] > config.model.vocab_size:
+            logging.warning(
+                "%s has %d tokens, more than config.model.vocab_size=%d, so it is not the "
+                "tokenizer of these token files: the checkpoints record no tokenizer (set "
+                "config.data.tokenizer to the one the files were made with)", what,
+                record["vocab_size"], config.model.vocab_size)
+            return None
+        checkpoint.keep_tokenizer(directory, record, data, what)
+        return record
+    except checkpoint.CheckpointError:
+        raise
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"{what}: {e}; the checkpoints keep the tokenizer they were "
+                                     "trained with, so it must be readable") from e
 
 
 class _Preemption:
@@ -286,13 +320,18 @@ class _Preemption:
 
 
 class _Saver:
-    """Decides when to save (every_steps, every_seconds, the last step) and refuses to
-    write a state with non-finite parameters."""
+    """Decides when to save (every_steps, every_seconds, the last step), refuses to write
+    a state with non-finite parameters, and turns a failed save into CheckpointSaveError
+    (checkpoint.save_failed: the cause, the disk, the fix and the step a rerun resumes
+    from). An async save's outcome is checked at every step boundary (`check`), so a run
+    whose save failed stops at the next step, not at the next save."""
 
     def __init__(self, manager, data_iter, meta: dict, options):
         self.manager, self.data_iter, self.meta, self.options = manager, data_iter, meta, options
         self.last_time = time.monotonic()
         self.last_step = manager.latest_step()
+        self.pending = None  # step of the async save whose outcome is not checked yet
+        self.error = None  # its failure, until every process has agreed to stop
 
     def due(self, step: int, total: int, sync_every: int) -> bool:
         every_s = self.options.every_seconds
@@ -309,9 +348,52 @@ class _Saver:
         if not bool(guard_lib.all_finite(state.params)):
             logging.error("step %d: parameters are not finite; not saving this state", step)
             return False
-        checkpoint.save(self.manager, step, state, self.data_iter, dict(self.meta, step=step))
+        self.settle()  # the previous save's outcome first, so a failure names its own step
+        try:
+            checkpoint.save(self.manager, step, state, self.data_iter, dict(self.meta, step=step))
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore/OS errors of every type
+            raise checkpoint.save_failed(self.manager, step, e, state) from e
+        self.pending = step if self.options.async_save else None
         self.last_time, self.last_step = time.monotonic(), step
         return True
+
+    def _wait(self) -> None:
+        """Waits for the save in flight; keeps its failure (CheckpointSaveError) in .error."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            step = self.last_step if self.pending is None else self.pending
+            self.error = checkpoint.save_failed(self.manager, step, e)
+            self.error.__cause__ = e
+        self.pending = None
+
+    def _raise_if_failed(self) -> None:
+        """Raises the failure of a save; with several processes all agree (any failed -> all
+        raise), so every process stops at the same step. Collective: all processes call it
+        at the same steps."""
+        failed = self.error is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            failed = bool(np.any(multihost_utils.process_allgather(np.array(failed))))
+        if failed:
+            raise self.error or checkpoint.CheckpointSaveError(
+                f"saving checkpoint step {self.last_step} failed on another process (its "
+                "error.log names the cause); fix it, then rerun with the same --workdir")
+
+    def settle(self) -> None:
+        """Waits for the save in flight; raises CheckpointSaveError if it failed."""
+        self._wait()
+        self._raise_if_failed()
+
+    def check(self, step: int, sync_every: int) -> None:
+        """Raises CheckpointSaveError once the async save in flight has failed, without
+        waiting for one still being written: at this step with one process; with several,
+        at the next multiple of `sync_every` (where the processes agree)."""
+        if (self.pending is not None and self.error is None
+                and not self.manager.is_saving_in_progress()):
+            self._wait()  # the save thread is done: no wait, only its outcome
+        if jax.process_count() == 1 or step % sync_every == 0:
+            self._raise_if_failed()
 
 
 def _note_skip(step: int, skipped, bad_run: int) -> int:
@@ -352,7 +434,7 @@ def _check_init_from(config) -> str:
     (before anything compiles)."""
     try:
         directory = checkpoint.resolve_dir(config.train.init_from)
-        saved = checkpoint.read_meta(directory)["config"]["model"]
+        saved = checkpoint.read_meta(directory, step_flag=None)["config"]["model"]
     except (FileNotFoundError, ValueError) as e:
         raise config_lib.ConfigError(f"config.train.init_from: {e}") from e
     keys = ("vocab_size", "padded_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",

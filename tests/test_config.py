@@ -3,6 +3,8 @@
 import os
 import re
 import runpy
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -81,3 +83,53 @@ def test_readme_config_table_lists_every_key():
                                             else [None])}
     assert keys - listed == set(), "not in README's config table"
     assert listed - keys == set(), "in README's config table but not a config key"
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.train.steps=abc"],
+     r"error: --config\.train\.steps=abc: expected an integer, e\.g\. --config\.train\.steps=300 "
+     r"\(the config's value\)"),
+    (["--config.model.scan_layers=maybe"],
+     r"error: --config\.model\.scan_layers=maybe: expected true or false, .*=true .*"),
+    (["--config.train.stepz=3"],
+     r"error: --config\.train\.stepz: config\.train has no key 'stepz'; did you mean "
+     r"config\.train\.steps\?"),
+    (["--config.trian.steps=3"],
+     r"error: --config\.trian\.steps: config has no key 'trian'; did you mean config\.train\?"),
+    (["--config.train=1"],
+     r"error: --config\.train=1: config\.train is a section; set its keys one by one, .*"),
+    (["--workdr=/tmp/x"], r"error: unknown flag --workdr; did you mean --workdir\? .*"),
+])
+def test_bad_flags_print_one_line(args, expected, tmp_path):
+    """absl/ml_collections flag errors: one line naming the key, the value and the fix (no
+    traceback, no escaped strings), before anything is imported or compiled."""
+    out = subprocess.run([sys.executable, "-m", "olmo2_jax.main", "--config=configs/tiny.py",
+                          f"--workdir={tmp_path / 'run'}", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert re.fullmatch(expected, lines[0]), lines[0]
+    assert "\\n" not in lines[0] and "\\'" not in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_file_prints_one_line(tmp_path):
+    """A --config that does not exist names the configs that do; one that raises names the
+    line and the error."""
+    def run(config):
+        out = subprocess.run([sys.executable, "-m", "olmo2_jax.main", f"--config={config}",
+                              "--workdir=/tmp/unused", "--config.train.steps=3"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and len(out.stderr.splitlines()) == 1, out.stderr
+        return out.stderr.strip()
+
+    assert run("configs/nope.py") == (
+        "error: --config=configs/nope.py: no such file; the configs are configs/13b.py, "
+        "configs/1b.py, configs/32b.py, configs/7b.py, configs/tiny.py")
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config():\n    return 1 / 0\n")
+    assert run(broken) == (f"error: --config={broken}: loading it raised ZeroDivisionError at "
+                           "line 2: division by zero")

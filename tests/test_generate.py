@@ -1,5 +1,6 @@
 """Generation with the KV cache: cache == full forward, greedy == transformers, sampling."""
 
+import dataclasses
 import json
 
 import jax
@@ -167,3 +168,20 @@ def test_greedy_matches_transformers_generate(tmp_path):
     assert line["tokens"][:8] == ours[0][:8] and line["text"] is None
     with pytest.raises(SystemExit, match="holds no tokenizer"):
         main(["generate", f"--ckpt={ckpt}", "--prompt=hi"])
+
+
+def test_padding_ids_are_never_generated(tiny):
+    """Padded-vocab rows (ids >= vocab_size) with the largest logits are still never drawn,
+    greedy or sampled; the same weights without the mask do draw them."""
+    params, _ = tiny
+    w0 = params["lm_head"][:, :1]  # padding columns +-100 x column 0: one of each pair wins
+    signs = np.resize([100.0, -100.0], TINY.padded_vocab_size - TINY.vocab_size)
+    lm_head = params["lm_head"].at[:, TINY.vocab_size:].set(w0 * signs)
+    hot = {**params, "lm_head": lm_head}
+    gen = Generator(TINY, hot)
+    for s in (Sampling(), Sampling(temperature=2.0, top_k=20)):
+        out = gen(PROMPTS, max_new_tokens=6, sampling=s)
+        assert all(0 <= t < TINY.vocab_size for row in out for t in row), s
+    unmasked = dataclasses.replace(TINY, vocab_size=TINY.padded_vocab_size)
+    out = Generator(unmasked, hot)(PROMPTS, max_new_tokens=6)
+    assert all(t >= TINY.vocab_size for row in out for t in row)

@@ -56,3 +56,36 @@ def test_slurm_bad_nodes_is_a_clear_error():
     out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "slurm.py"), "--nodes=0",
                           "--workdir=/x", "--dry_run"], capture_output=True, text=True)
     assert out.returncode == 2 and "--nodes" in out.stderr
+
+
+def slurm(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "launch", "slurm.py"), "--nodes=1",
+                           *args, "--dry_run"], cwd=REPO, capture_output=True, text=True)
+
+
+def test_slurm_refuses_what_could_break_out_of_an_sbatch_line():
+    """--name/--partition/--time/--workdir go into #SBATCH lines: a newline (which would
+    start a shell line) or a character outside each flag's set is refused, naming the flag."""
+    for flag, value in (("name", "run\nrm -rf ~"), ("name", "a/b"), ("partition", "gpu\nid"),
+                        ("partition", "a b"), ("time", "1:00:00\nid"), ("time", "1;id"),
+                        ("workdir", "/x\n#SBATCH --uid=0"), ("workdir", "/x/$(id)"),
+                        ("workdir", "/runs/%j"), ("workdir", "/a b")):
+        args = [f"--{flag}={value}"] + ([] if flag == "workdir" else ["--workdir=/scratch/run"])
+        out = slurm(*args)
+        assert out.returncode == 2 and not out.stdout, (flag, value, out.stdout)
+        assert f"error: --{flag}={value!r}: use " in out.stderr, out.stderr
+    for time_limit in ("30", "4:00:00", "2-00", "2-12:30:00", "UNLIMITED"):
+        assert slurm(f"--time={time_limit}", "--workdir=/scratch/run").returncode == 0
+
+
+def test_slurm_quotes_what_goes_into_shell_lines():
+    out = slurm("--workdir=/scratch/run", "--repo=/src/my repo; id", "--python=/opt/py env/python",
+                "--config=configs/1b.py", "--overrides=--config.data.paths='/d/a b.npy'")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "cd '/src/my repo; id'" in lines
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert shlex.split(srun)[2:] == ["/opt/py env/python", "-m", "olmo2_jax.main",
+                                     "--config=configs/1b.py", "--workdir=/scratch/run",
+                                     "--config.data.paths=/d/a b.npy", "&"]
+    subprocess.run(["bash", "-n"], input="\n".join(lines[:-1]), text=True, check=True)

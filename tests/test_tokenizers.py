@@ -140,3 +140,49 @@ def test_padded_vocab_covers_dolma2(dolma2):
     assert m.vocab_size == dolma2.vocab_size and m.padded_vocab_size == 100_352
     assert m.padded_vocab_size % 128 == 0 and m.padded_vocab_size >= dolma2.vocab_size
     assert np.iinfo(np.uint32).max > dolma2.vocab_size  # uint32 token files hold every id
+
+
+def _varied_texts(seed=0, n=3000):
+    """Random strings over the cases that split differently: unicode letters, marks, emoji,
+    whitespace runs and kinds, digits, contractions, punctuation, control characters."""
+    import random
+    rng = random.Random(seed)
+    alpha = list(" \t\n\r\u00a0\u3000\u200babcXYZ019'’.,;!?-_()[]{}<>|éßñ"
+                 "日本語한국어🙂👍🏽\u0301\x00\x7f▁")
+    alpha += ["'s", "'LL", " 12", "123456", "    ", "\r\n", "...", "def ", "self.", "    return"]
+    return ["".join(rng.choice(alpha) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def test_dolma2_as_hf_tokenizer_encodes_identically(dolma2, corpus_texts):
+    """The tokenizer.json `convert to_hf` writes for dolma2: the same ids as tiktoken on
+    real and adversarial text, and the added tokens at their ids."""
+    from olmo2_jax.data.tokenizer import dolma2_hf_tokenizer
+    hf = dolma2_hf_tokenizer()
+    texts = [t for t in corpus_texts if "<|" not in t and "|||" not in t] + _varied_texts()
+    assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == \
+        dolma2.encode_batch(texts)
+    assert all(hf.decode(dolma2.encode(t)) == t for t in texts[:200])
+    assert hf.get_vocab_size() == dolma2.vocab_size
+    for text, i in DOLMA2_SPECIAL_TOKENS.items():  # tokenizers matches them in text
+        assert hf.token_to_id(text) == i and hf.encode(f"a{text}b").ids == [64, i, 65]
+
+
+def test_sentencepiece_as_hf_tokenizer_encodes_identically(tmp_path, corpus_texts):
+    """The embedded corpus's sentencepiece model as tokenizer.json: the same ids and text
+    (byte fallback, whitespace-only pieces, the newline symbol); options it cannot reproduce
+    are refused by name."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    from olmo2_jax.data.tokenizer import SentencePieceTokenizer, sentencepiece_hf_tokenizer
+    files = corpus.prepare_default_corpus(str(tmp_path), 512, max_bytes=300_000)
+    proto = open(files.tokenizer_path, "rb").read()
+    sp, hf = SentencePieceTokenizer(proto), sentencepiece_hf_tokenizer(proto)
+    texts = [t for t in corpus_texts if "</s>" not in t and "<pad>" not in t] + _varied_texts(1)
+    ours = sp.encode_batch(texts)
+    assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == ours
+    assert [hf.decode(ids) for ids in ours[:300]] == [sp.decode(ids) for ids in ours[:300]]
+    assert any(sp._sp.is_byte(i) for ids in ours for i in ids)  # byte fallback was exercised
+    m = sentencepiece_model_pb2.ModelProto.FromString(proto)
+    m.normalizer_spec.add_dummy_prefix = True
+    with pytest.raises(ValueError, match=r"add_dummy_prefix=True \(supported: False\)"):
+        sentencepiece_hf_tokenizer(m.SerializeToString())

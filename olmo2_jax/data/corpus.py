@@ -121,7 +121,8 @@ def default_documents(max_bytes: int = DEFAULT_MAX_BYTES) -> list[Document]:
     return sorted(docs, key=lambda d: d.name)
 
 
-def _cache_root(cache_dir: str | None) -> str:
+def cache_root(cache_dir: str | None = None) -> str:
+    """cache_dir, else $OLMO2_JAX_CACHE, else ~/.cache/olmo2_jax (also the token-id cache)."""
     if cache_dir:
         return cache_dir
     default = os.path.join(os.path.expanduser("~"), ".cache", "olmo2_jax")
@@ -132,7 +133,7 @@ def corpus_dir(cache_dir: str | None, vocab_size: int, max_bytes: int) -> str:
     """The cache folder for one (Python, vocab size, budget, corpus version)."""
     py = f"{platform.python_implementation().lower()}{'.'.join(map(str, sys.version_info[:3]))}"
     name = f"stdlib-{py}-v{vocab_size}-b{max_bytes}-r{CORPUS_VERSION}"
-    return os.path.join(_cache_root(cache_dir), name)
+    return os.path.join(cache_root(cache_dir), name)
 
 
 def _fsync_dir(path: str) -> None:

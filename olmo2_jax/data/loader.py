@@ -1,8 +1,9 @@
 """The training data that `config.data` names, resolved once: files, tokenizer, iterator.
 
 `from_config` reads the mix file once and loads the tokenizer at most once (only where it is
-needed: a mix's {TOKENIZER}, or the EOS id for document masking), checks what it can
-cheaply (files exist, the mix parses, the tokenizer fits the model's vocabulary) and
+needed: a mix's {TOKENIZER}, or the EOS id for document masking), checks the data (files
+exist and are raw uint32, every token id < model.vocab_size: once per file, see
+pipeline.check_token_files; the mix parses; the tokenizer fits the model's vocabulary) and
 reports bad input as a ConfigError naming the key, before anything compiles.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import os
 
 from olmo2_jax.config import ConfigError
 
@@ -23,6 +25,9 @@ class TrainData:
     paths: tuple[str, ...]  # every token file, all sources
     mix: dict = dataclasses.field(default_factory=dict)  # make_iterator's sources/weights/repeats
     eos_id: int | None = None  # for document masking
+    # the tokenizer that made the token files (data/tokenizer.py spec): config.data.tokenizer,
+    # or the embedded corpus's own sentencepiece model
+    tokenizer_spec: str = ""
 
     def iterator(self, process_index: int = 0, process_count: int = 1):
         """The Grain iterator of this process's share of each batch."""
@@ -63,8 +68,13 @@ def from_config(config) -> TrainData:
         mix, paths = {}, tuple(_expand(d.paths))
     else:
         return _embedded(config)
+    from olmo2_jax.data import pipeline
+    try:  # before anything compiles: a bad id would only show as non-finite steps
+        pipeline.check_token_files(paths, config.model.vocab_size)
+    except ValueError as e:
+        raise ConfigError(f"config.data.{'mix' if d.mix else 'paths'}: {e}") from e
     eos_id = tokenizer().eos_id if d.document_masking else None
-    return TrainData(config, paths, mix, eos_id)
+    return TrainData(config, paths, mix, eos_id, d.tokenizer)
 
 
 def _embedded(config) -> TrainData:
@@ -77,16 +87,26 @@ def _embedded(config) -> TrainData:
             "(and padded_vocab_size), or point config.data.paths at your own token files")
     files = corpus.prepare_default_corpus(vocab_size=config.data.corpus_vocab_size)
     eos_id = corpus.EOS_ID if config.data.document_masking else None
-    return TrainData(config, (files.tokens_path,), {}, eos_id)
+    return TrainData(config, (files.tokens_path,), {}, eos_id,
+                     f"sentencepiece:{files.tokenizer_path}")
 
 
 def _expand(spec: str) -> list[str]:
+    """Comma-separated files, globs and prepared folders (a folder = its shards)."""
+    from olmo2_jax.data import mixture
     paths = []
     for pattern in (p.strip() for p in spec.split(",") if p.strip()):
         found = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
         if not found:
             raise FileNotFoundError(f"config.data.paths: {pattern!r} matches no file")
-        paths.extend(found)
+        for path in found:
+            if os.path.isdir(path):
+                try:
+                    paths.extend(mixture.directory_files(path))
+                except ValueError as e:
+                    raise ConfigError(f"config.data.paths: {e}") from e
+            else:
+                paths.append(path)
     return paths
 
 

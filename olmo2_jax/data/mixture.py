@@ -3,7 +3,7 @@
 A mix file lists `label,path` lines (blank lines and `#` comments skipped); `{TOKENIZER}`
 in a path stands for the tokenizer id (`allenai/dolma2-tokenizer` for dolma2), relative
 paths are joined to a base (a local folder or `gs://bucket/prefix`), and local paths may
-be globs. Lines with the same label form one source.
+be globs or folders prepared by prepare_data. Lines with the same label form one source.
 """
 
 from __future__ import annotations
@@ -23,6 +23,23 @@ class Source:
 
 def is_remote(path: str) -> bool:
     return "://" in path
+
+
+def directory_files(folder: str) -> list[str]:
+    """The token files of a local folder: the shards its prepare_data manifest.json lists,
+    in order, else every *.npy in it, sorted; a ValueError if it holds none."""
+    from olmo2_jax.data.pipeline import read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        shards = [os.path.join(folder, s["file"]) for s in manifest["shards"]]
+    else:
+        shards = sorted(glob.glob(os.path.join(glob.escape(folder), "*.npy")))
+    if not shards:
+        raise ValueError(f"{folder!r} is a folder with no token files: no shards in a "
+                         "manifest.json and no *.npy. Point at the --output_dir prepare_data "
+                         "wrote, or at the token files themselves.")
+    return shards
 
 
 def _join(base: str, path: str) -> str:
@@ -57,6 +74,11 @@ def read_mix(mix_file: str, *, tokenizer_id: str, base: str = "") -> list[Source
                     raise FileNotFoundError(f"{mix_file}:{lineno}: {path!r} matches no file "
                                             "(is config.data.mix_base right?)")
                 found.setdefault(label, []).extend(matches)
+            elif not is_remote(path) and os.path.isdir(path):
+                try:
+                    found.setdefault(label, []).extend(directory_files(path))
+                except ValueError as e:
+                    raise ValueError(f"{mix_file}:{lineno}: {e}") from e
             else:
                 found.setdefault(label, []).append(path)
     if not found:

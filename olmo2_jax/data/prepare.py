@@ -5,16 +5,22 @@ tokenize the text field, append EOS and drop documents with a repeated n-gram ru
 main process writes the results back in input order, so the output is deterministic
 whatever the number of workers. Shards (`part-00000.npy`, ...: raw little-endian
 uint32, no header) end on document boundaries and hold at most `max_tokens_per_shard`
-tokens unless a single document is longer. `manifest.json` is written last.
+tokens unless a single document is longer. `manifest.json` is written last; it records
+each shard's largest id (`max_id`), so the trainer checks ids against the model's vocab
+without reading the shards.
 
-Malformed lines (bad JSON, no text, bad UTF-8, unreadable compressed tails) are
-counted and reported as file:line; they never stop the run.
+Malformed lines (bad JSON, no text, bad UTF-8, a corrupt or truncated compressed file
+from the line where decoding failed) are counted and reported as file:line; they never
+stop the run. A write error (a full disk) removes the partial shard and stops with one
+line naming the output folder.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import errno
 import glob
 import gzip
 import io
@@ -23,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -32,7 +39,7 @@ from olmo2_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 EMBEDDED = "embedded"  # --input: the embedded default corpus; --tokenizer: its sentencepiece
 MANIFEST = "manifest.json"
-_MAX_EXAMPLES = 100  # malformed-line examples kept in the manifest
+_MAX_EXAMPLES = 100  # malformed-line examples, and dropped-document lines per reason
 _CHUNK_BYTES = 1 << 22
 
 log = logging.getLogger(__name__)
@@ -77,14 +84,57 @@ def expand_inputs(specs: Sequence[str]) -> list[str]:
     return out
 
 
+class _ZstdReader(io.RawIOBase):
+    """Every frame of a .zst file. zstandard's stream_reader ends quietly where a truncated
+    file stops; here a frame cut short raises EOFError and corrupt data an OSError."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._file = open(path, "rb")
+        self._dctx, self._error = zstandard.ZstdDecompressor(), zstandard.ZstdError
+        self._frame, self._fed = self._dctx.decompressobj(), False
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos >= len(self._out):
+            data = self._file.read(1 << 13)  # small: a corrupt block loses little before it
+            if not data:
+                if self._fed and not self._frame.eof:
+                    raise EOFError("the compressed data ends inside a zstd frame "
+                                   "(a truncated copy?)")
+                return 0
+            out = []
+            while data:
+                self._fed = True
+                try:
+                    out.append(self._frame.decompress(data))
+                except self._error as e:
+                    raise OSError(f"corrupt zstd data ({e})") from e
+                if not self._frame.eof:
+                    break
+                data = self._frame.unused_data  # the next frame starts here
+                self._frame, self._fed = self._dctx.decompressobj(), False
+            self._out, self._pos = b"".join(out), 0
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+        super().close()
+
+
 def _open(path: str) -> io.BufferedIOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"),
-                                                                            closefd=True))
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
     return open(path, "rb")
 
 
@@ -97,17 +147,19 @@ def _chunks(paths: Sequence[str], embedded_max_bytes: int) -> Iterator[Chunk]:
             for i in range(0, len(docs), 256):
                 yield Chunk(EMBEDDED, i + 1, docs[i : i + 256])
             continue
-        lines, size, first, lineno = [], 0, 1, 0
+        lines, size, first, lineno, offset = [], 0, 1, 0, 0
         try:
             with _open(path) as f:
                 for lineno, line in enumerate(f, 1):
                     lines.append(line)
                     size += len(line)
+                    offset += len(line)
                     if size >= _CHUNK_BYTES:
                         yield Chunk(path, first, lines)
                         lines, size, first = [], 0, lineno + 1
-        except (OSError, EOFError, ValueError) as e:  # truncated/corrupt compressed data
-            yield Chunk(path, first, lines, error=f"unreadable after line {lineno}: {e}")
+        except (OSError, EOFError, ValueError, zlib.error) as e:  # corrupt/truncated data
+            yield Chunk(path, first, lines, error=f"unreadable after line {lineno} (byte "
+                        f"{offset} of the decompressed text): {e}; the rest of it is skipped")
             continue
         if lines:
             yield Chunk(path, first, lines)
@@ -121,10 +173,11 @@ def _init_worker(options: Options) -> None:
     _WORKER["options"] = options
 
 
-def _parse(chunk: Chunk, field: str) -> tuple[list[str], list[tuple[int, str]]]:
+def _parse(chunk: Chunk, field: str) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """([(line, text)], [(line, why malformed)]); embedded documents count as lines."""
     texts, bad = [], []
     if chunk.source == EMBEDDED:
-        return [text for _, text in chunk.lines], bad
+        return [(chunk.first_line + i, text) for i, (_, text) in enumerate(chunk.lines)], bad
     for i, raw in enumerate(chunk.lines):
         lineno = chunk.first_line + i
         if not raw.strip():
@@ -145,7 +198,7 @@ def _parse(chunk: Chunk, field: str) -> tuple[list[str], list[tuple[int, str]]]:
         elif not isinstance(doc[field], str):
             bad.append((lineno, f"{field!r} is {type(doc[field]).__name__}, not a string"))
         else:
-            texts.append(doc[field])
+            texts.append((lineno, doc[field]))
     return texts, bad
 
 
@@ -153,16 +206,16 @@ def _process(chunk: Chunk) -> dict:
     tok: Tokenizer = _WORKER["tokenizer"]
     o: Options = _WORKER["options"]
     texts, bad = _parse(chunk, o.text_field)
-    dropped = collections.Counter()
+    dropped = []  # (reason, line)
     kept = []
-    for ids in tok.encode_batch(texts):
+    for (lineno, _), ids in zip(texts, tok.encode_batch([t for _, t in texts])):
         if not ids:
-            dropped["empty"] += 1
+            dropped.append(("empty", lineno))
             continue
         arr = np.asarray(ids, dtype="<u4")
         if o.ngram_min_repeats and find_repeated_ngram(arr, o.ngram_max_period,
                                                        o.ngram_min_repeats):
-            dropped["repeated_ngram"] += 1
+            dropped.append(("repeated_ngram", lineno))
             continue
         kept.append(np.append(arr, np.uint32(tok.eos_id)))
     tail_error = ([(chunk.source, chunk.first_line + len(chunk.lines), chunk.error)]
@@ -171,6 +224,7 @@ def _process(chunk: Chunk) -> dict:
         "source": chunk.source,
         "docs": kept,
         "malformed": [(chunk.source, n, why) for n, why in bad] + tail_error,
+        "unreadable": [f"{chunk.source}: {chunk.error}"] if chunk.error else [],
         "dropped": dropped,
         "lines": len(chunk.lines),
     }
@@ -186,6 +240,23 @@ def resolve_tokenizer(spec: str, embedded_vocab_size: int = 4096) -> Tokenizer:
     return load_tokenizer(spec)
 
 
+class OutputError(OSError):
+    """Writing the output failed (a full disk); the message names the folder and the fix."""
+
+
+def _output_error(output_dir: str, e: OSError, removed: str | None, complete: int) -> OutputError:
+    code = errno.errorcode.get(e.errno or 0, "")
+    what = ("the disk is full" if e.errno == errno.ENOSPC
+            else "the disk quota is exceeded" if e.errno == errno.EDQUOT
+            else f"{e.strerror or e}")
+    left = (f"; removed the partial shard {removed}" if removed else "") + (
+        f"; the {complete} complete shard(s) before it have no {MANIFEST}, so delete them"
+        if complete else "")
+    return OutputError(f"cannot write to --output_dir={output_dir}: {what} (OSError "
+                       f"{code or e.errno}){left}. Free space (or choose another "
+                       "--output_dir) and re-run into an empty --output_dir.")
+
+
 class ShardWriter:
     """Appends documents to raw uint32 shards that end on document boundaries."""
 
@@ -198,7 +269,7 @@ class ShardWriter:
         self.close()
         name = f"part-{len(self.shards):05d}.npy"
         self._file = open(os.path.join(self.output_dir, name + ".tmp"), "wb")
-        self.shards.append({"file": name, "tokens": 0, "documents": 0})
+        self.shards.append({"file": name, "tokens": 0, "documents": 0, "max_id": 0})
 
     def write(self, doc: np.ndarray) -> None:
         cur = self.shards[-1] if self._file else None
@@ -208,6 +279,20 @@ class ShardWriter:
         self._file.write(doc.tobytes())
         cur["tokens"] += len(doc)
         cur["documents"] += 1
+        cur["max_id"] = max(cur["max_id"], int(doc.max()))
+
+    def abort(self) -> str | None:
+        """After a write error: closes and removes the partial shard; returns its name."""
+        if self._file is None:
+            return None
+        tmp = self._file.name
+        with contextlib.suppress(OSError):  # flushing what is buffered fails the same way
+            self._file.close()
+        self._file = None
+        self.shards.pop()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        return os.path.basename(tmp)
 
     def close(self) -> None:
         if self._file is not None:
@@ -238,6 +323,8 @@ def prepare(inputs: Sequence[str], output_dir: str, options: Options = Options()
     workers = options.workers or os.cpu_count() or 1
     writer = ShardWriter(output_dir, options.max_tokens_per_shard)
     malformed, dropped, per_source = [], collections.Counter(), collections.Counter()
+    dropped_lines: dict[str, list[str]] = {"repeated_ngram": [], "empty": []}
+    unreadable: list[str] = []
     num_malformed, num_docs, num_lines = 0, 0, 0
     ctx = multiprocessing.get_context("spawn")  # no forked state (threads, file handles)
     from tqdm import tqdm
@@ -245,11 +332,16 @@ def prepare(inputs: Sequence[str], output_dir: str, options: Options = Options()
     bar = tqdm(desc="prepare", unit=" lines", disable=not options.progress, smoothing=0.1)
     def consume(out: dict) -> None:
         nonlocal num_docs, num_malformed, num_lines
-        for doc in out["docs"]:
-            writer.write(doc)
+        with _writing(writer, output_dir):
+            for doc in out["docs"]:
+                writer.write(doc)
         num_docs += len(out["docs"])
         per_source[out["source"]] += len(out["docs"])
-        dropped.update(out["dropped"])
+        for reason, line in out["dropped"]:
+            dropped[reason] += 1
+            if len(dropped_lines[reason]) < _MAX_EXAMPLES:
+                dropped_lines[reason].append(f"{out['source']}:{line}")
+        unreadable.extend(out["unreadable"])
         for source, line, why in out["malformed"]:
             num_malformed += 1
             if len(malformed) < _MAX_EXAMPLES:
@@ -269,9 +361,11 @@ def prepare(inputs: Sequence[str], output_dir: str, options: Options = Options()
         while pending:
             consume(pending.popleft().get())
     bar.close()
-    writer.close()
+    with _writing(writer, output_dir):
+        writer.close()
     manifest = {
         "format": "raw little-endian uint32, no header; EOS after every document",
+        "dtype": "uint32",
         "tokenizer": options.tokenizer,
         "tokenizer_name": tok.name,
         "vocab_size": tok.vocab_size,
@@ -282,15 +376,32 @@ def prepare(inputs: Sequence[str], output_dir: str, options: Options = Options()
         "documents_per_input": dict(per_source),
         "tokens": sum(s["tokens"] for s in writer.shards),
         "dropped": {"repeated_ngram": dropped["repeated_ngram"], "empty": dropped["empty"]},
+        "dropped_lines": dropped_lines,  # file:line, the first 100 per reason
         "ngram_filter": {"max_period": options.ngram_max_period,
                          "min_repeats": options.ngram_min_repeats},
         "malformed_lines": num_malformed,
         "malformed_examples": malformed,
+        "unreadable_inputs": unreadable,
         "shards": writer.shards,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     tmp = os.path.join(output_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(output_dir, MANIFEST))
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(output_dir, MANIFEST))
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise _output_error(output_dir, e, None, len(writer.shards)) from e
     return manifest
+
+
+@contextlib.contextmanager
+def _writing(writer: ShardWriter, output_dir: str):
+    """An OSError while writing shards -> the partial shard removed, one OutputError."""
+    try:
+        yield
+    except OSError as e:
+        removed = writer.abort()
+        raise _output_error(output_dir, e, removed, len(writer.shards)) from e

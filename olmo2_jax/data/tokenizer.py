@@ -398,3 +398,102 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     raise ValueError(f"Unknown tokenizer kind {kind!r} in spec {spec!r}; {accepted}")
+
+
+# --- Hugging Face `tokenizers` equivalents, for `convert to_hf` (AutoTokenizer loads them).
+
+# cl100k's split as tokenizers (Oniguruma) reads it: the older spelling of the same regex,
+# without the possessive `{1,3}+` and the `$` that the two engines read differently (what
+# allenai/dolma2-tokenizer's tokenizer.json uses).
+CL100K_HF_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def dolma2_hf_tokenizer(path: str | None = None):
+    """dolma2 as a `tokenizers.Tokenizer` (byte-level BPE) that encodes like `dolma2_tokenizer`.
+
+    The standard tiktoken -> HF conversion: vocab = the ranks' bytes in GPT-2's byte-to-unicode
+    alphabet; merges = every split of a token into two tokens, ordered by the token's rank
+    (tiktoken merges the pair whose concatenation ranks lowest); `ignore_merges` takes a
+    pre-token that is itself a token whole, as tiktoken does.
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    ranks = _dolma2_ranks(path)
+    alias = {b: ch for ch, b in _byte_decoder().items()}
+    text = lambda b: "".join(alias[x] for x in b)  # noqa: E731
+    vocab, merges = {}, []
+    for token, rank in ranks.items():
+        vocab[text(token)] = rank
+        splits = sorted((ranks[token[:i]], ranks[token[i:]], i) for i in range(1, len(token))
+                        if token[:i] in ranks and token[i:] in ranks)
+        merges += [(rank, a, b, token, i) for a, b, i in splits]
+    merges.sort()
+    hf = HFTokenizer(models.BPE(vocab, [(text(t[:i]), text(t[i:])) for *_, t, i in merges],
+                                ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CL100K_HF_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    specials = sorted(DOLMA2_SPECIAL_TOKENS.items(), key=lambda kv: kv[1])
+    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
+    wrong = [s for s, i in specials if hf.token_to_id(s) != i]
+    if wrong:  # added tokens take the next free ids: the ranks must end where they begin
+        raise ValueError(f"dolma2 added tokens {wrong[:3]} did not land at their ids")
+    return hf
+
+
+def sentencepiece_hf_tokenizer(proto: bytes):
+    """A sentencepiece BPE model as a `tokenizers.Tokenizer` that encodes like it.
+
+    Covers the models trained here (data/corpus.py: byte fallback, identity normalization,
+    no dummy prefix, whitespace-only pieces); other options are refused by name rather than
+    approximated. Merges: every split of a piece into two pieces, ordered by the piece's score
+    (sentencepiece merges the pair whose concatenation scores highest). Words: a run of `▁`
+    with what follows up to the next `▁`, sentencepiece's split with whitespace-only pieces
+    (no piece crosses it, so merging per word is merging the whole text).
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    m = sentencepiece_model_pb2.ModelProto.FromString(proto)
+    t, n = m.trainer_spec, m.normalizer_spec
+    wanted = {
+        "model_type": (t.model_type, t.BPE), "byte_fallback": (t.byte_fallback, True),
+        "split_by_whitespace": (t.split_by_whitespace, True),
+        "treat_whitespace_as_suffix": (t.treat_whitespace_as_suffix, False),
+        "allow_whitespace_only_pieces": (t.allow_whitespace_only_pieces, True),
+        "normalization (precompiled_charsmap)": (bool(n.precompiled_charsmap), False),
+        "add_dummy_prefix": (n.add_dummy_prefix, False),
+        "remove_extra_whitespaces": (n.remove_extra_whitespaces, False),
+        "escape_whitespaces": (n.escape_whitespaces, True)}
+    bad = [f"{k}={v!r} (supported: {ok!r})" for k, (v, ok) in wanted.items() if v != ok]
+    if bad:
+        raise ValueError("this sentencepiece model has no exact tokenizer.json equivalent here: "
+                         + ", ".join(bad))
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    normal = {p.piece for p in m.pieces if p.type == kinds.NORMAL}
+    merges = []
+    for i in sorted((i for i, p in enumerate(m.pieces) if p.type == kinds.NORMAL),
+                    key=lambda i: (-m.pieces[i].score, i)):
+        p = m.pieces[i].piece
+        merges += [(p[:k], p[k:]) for _, _, k in sorted(
+            (vocab[p[:k]], vocab[p[k:]], k) for k in range(1, len(p))
+            if p[:k] in normal and p[k:] in normal)]
+    unk = next(p.piece for p in m.pieces if p.type == kinds.UNKNOWN)
+    hf = HFTokenizer(models.BPE(vocab, merges, unk_token=unk, byte_fallback=True,
+                                fuse_unk=True))
+    hf.normalizer = normalizers.Replace(" ", "▁")
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("▁+[^▁]*|[^▁]+"), behavior="isolated")
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse()])
+    hf.add_tokens([AddedToken(p.piece, normalized=False, special=False)
+                   for p in m.pieces if p.type == kinds.USER_DEFINED])
+    hf.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
+                           for p in m.pieces if p.type in (kinds.CONTROL, kinds.UNKNOWN)])
+    return hf
