@@ -780,11 +780,9 @@ def run_cli(tool: str, body, expected=(ValueError, FileNotFoundError), out: str 
     with log:
         try:
             return body()
-        except expected as e:
+        except Exception as e:  # noqa: BLE001 - a full disk shows as any type (e.g. OSError)
             if disk_full(e):
                 log.fail(e, disk_full_message(e, out, "free space there or write elsewhere"))
-            log.fail(e)
-        except Exception as e:  # noqa: BLE001 - e.g. OSError from a full disk
-            if disk_full(e):
-                log.fail(e, disk_full_message(e, out, "free space there or write elsewhere"))
+            if isinstance(e, expected):
+                log.fail(e)
             raise
